@@ -1,0 +1,36 @@
+"""lightning_smc: Sequential Monte Carlo for masked discrete diffusion models, on Lightning.
+
+Public surface (DESIGN.md §4)::
+
+    import lightning_smc as ls
+    sampler = ls.SMCSampler(denoiser, num_particles=N, num_steps=T, potential=ls.SelfReward())
+    out = sampler.sample(seq_len=L, batch_size=B, generator=torch.Generator().manual_seed(0))
+    out.tokens, out.log_weights, out.log_normalizer, out.ess, out.best()
+"""
+
+from .models.base import Denoiser, ExactDenoiser
+from .models.tiny import TinyTransformerDenoiser
+from .output import SMCOutput
+from .potentials import Potential, ProductTarget, RewardTilt, SelfReward
+from .proposals import DenoiserProposal, Proposal
+from .rewards import Reward
+from .sampler import SMCSampler
+from .smc import derive_seed
+
+__all__ = [
+    "Denoiser",
+    "DenoiserProposal",
+    "ExactDenoiser",
+    "Potential",
+    "ProductTarget",
+    "Proposal",
+    "Reward",
+    "RewardTilt",
+    "SMCOutput",
+    "SMCSampler",
+    "SelfReward",
+    "TinyTransformerDenoiser",
+    "derive_seed",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""Masked-diffusion math: schedules ``alpha(t)``, unmasking policies and step plans, and
+categorical sampling (float64 Gumbel-max, temperature, top-p). DESIGN.md §3 fixes the
+conventions: ``t = 1`` fully masked, ``alpha(0) = 1``, the mask token is never drawn and clean
+tokens carry over unchanged."""
+
+from .categorical import gumbel_max, proposal_log_probs, sample_categorical
+from .schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, Schedule, get_schedule
+from .unmasking import (
+    UNMASKING_POLICIES,
+    Ancestral,
+    LowConfidence,
+    RandomUnmasking,
+    StepPlan,
+    Threshold,
+    UnmaskingPolicy,
+    get_unmasking,
+    plan_steps,
+)
+
+__all__ = [
+    "UNMASKING_POLICIES",
+    "Ancestral",
+    "CosineSchedule",
+    "LinearSchedule",
+    "LogLinearSchedule",
+    "LowConfidence",
+    "RandomUnmasking",
+    "Schedule",
+    "StepPlan",
+    "Threshold",
+    "UnmaskingPolicy",
+    "get_schedule",
+    "get_unmasking",
+    "gumbel_max",
+    "plan_steps",
+    "proposal_log_probs",
+    "sample_categorical",
+]

@@ -1,0 +1,190 @@
+"""Unmasking policies: which masked positions a reverse step commits.
+
+A sampler run is a ``StepPlan`` list (``plan_steps``): the generation region ``[start, L)``
+(after a prompt prefix of length ``start``) is cut into semi-autoregressive blocks of
+``block_length`` (one block when ``None``), and the ``num_steps`` steps are shared equally
+among blocks. Step ``i`` of the ``S`` steps in a block runs from block-local time
+``t = 1 - i/S`` to ``s = 1 - (i+1)/S``; the last step of a block reaches ``s = 0`` and commits
+everything left in it.
+
+Policies (rows are particle sequences ``[R, L]``; ``masked`` marks masked positions in the
+current block; ``count`` = ``ceil(#masked / steps left)``, the even split LLaDA uses):
+
+- ``ancestral``      each masked position independently with ``(alpha(s)-alpha(t))/(1-alpha(t))``
+                     (MDLM; random count).
+- ``random``         ``count`` positions uniformly at random (LLaDA "random").
+- ``low_confidence`` the ``count`` positions whose sampled candidate is most probable
+                     (LLaDA / MaskGIT).
+- ``threshold``      every position whose candidate's probability is ``>= threshold``, at least
+                     the most confident one (Fast-dLLM); a block may finish early.
+
+``ancestral`` and ``random`` choose positions without looking at token values
+(``value_independent``), so the sampler draws tokens only where it commits, and the
+transition density is the product of per-token probabilities: the exact-weight setting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule, get_schedule
+
+__all__ = [
+    "UNMASKING_POLICIES",
+    "Ancestral",
+    "LowConfidence",
+    "RandomUnmasking",
+    "StepPlan",
+    "Threshold",
+    "UnmaskingPolicy",
+    "get_unmasking",
+    "plan_steps",
+]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One reverse step: global index ``step``; block ``[block_start, block_end)``;
+    ``index`` of ``steps_in_block``; block-local times ``t > s``; ``progress = step / num_steps``."""
+
+    step: int
+    num_steps: int
+    block_start: int
+    block_end: int
+    index: int
+    steps_in_block: int
+
+    @property
+    def t(self) -> float:
+        return 1.0 - self.index / self.steps_in_block
+
+    @property
+    def s(self) -> float:
+        return 1.0 - (self.index + 1) / self.steps_in_block
+
+    @property
+    def opens_block(self) -> bool:
+        return self.index == 0
+
+    @property
+    def closes_block(self) -> bool:
+        return self.index == self.steps_in_block - 1
+
+
+def plan_steps(num_steps: int, seq_len: int, start: int = 0, block_length: int | None = None) -> list[StepPlan]:
+    """The step plan for generating positions ``[start, seq_len)``."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= start < seq_len:
+        raise ValueError(f"the prompt (length {start}) must be shorter than seq_len={seq_len}")
+    span = seq_len - start
+    block_length = span if block_length is None else block_length
+    if block_length < 1:
+        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    num_blocks = math.ceil(span / block_length)
+    if num_steps % num_blocks:
+        raise ValueError(
+            f"num_steps={num_steps} must be a multiple of the number of blocks ({num_blocks} blocks "
+            f"of block_length={block_length} over {span} generated positions)"
+        )
+    per_block = num_steps // num_blocks
+    plans = []
+    for b in range(num_blocks):
+        lo, hi = start + b * block_length, min(seq_len, start + (b + 1) * block_length)
+        plans += [StepPlan(b * per_block + i, num_steps, lo, hi, i, per_block) for i in range(per_block)]
+    return plans
+
+
+def _count(masked: Tensor, plan: StepPlan) -> Tensor:
+    """``ceil(#masked / steps left)`` per row: the LLaDA even split, computed from the state."""
+    left = plan.steps_in_block - plan.index
+    return (masked.sum(-1) + left - 1) // left
+
+
+def _top_count(scores: Tensor, masked: Tensor, count: Tensor) -> Tensor:
+    """The ``count[r]`` highest-scoring masked positions of each row."""
+    scores = scores.to(torch.float64).masked_fill(~masked, -torch.inf)
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return masked & (rank < count.unsqueeze(-1))
+
+
+class UnmaskingPolicy:
+    """``select(masked, plan, u=None, confidence=None) -> commit`` with ``commit ⊆ masked``.
+    Value-independent policies use uniforms ``u [R, L]``; the others use ``confidence [R, L]``
+    (the probability of each position's sampled candidate)."""
+
+    value_independent: bool = True
+    may_finish_early: bool = False
+
+    def select(self, masked: Tensor, plan: StepPlan, u: Tensor | None = None, confidence: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Ancestral(UnmaskingPolicy):
+    schedule: Schedule | str = "linear"
+
+    def __post_init__(self) -> None:
+        self.schedule = get_schedule(self.schedule)
+
+    def select(self, masked, plan, u=None, confidence=None):
+        if plan.closes_block:
+            return masked.clone()
+        t = torch.tensor(plan.t, dtype=torch.float64)
+        p = self.schedule.unmask_probability(t, torch.tensor(plan.s, dtype=torch.float64))
+        return masked & (u < p)
+
+
+@dataclass
+class RandomUnmasking(UnmaskingPolicy):
+    def select(self, masked, plan, u=None, confidence=None):
+        return _top_count(u, masked, _count(masked, plan))
+
+
+@dataclass
+class LowConfidence(UnmaskingPolicy):
+    value_independent = False
+
+    def select(self, masked, plan, u=None, confidence=None):
+        return _top_count(confidence, masked, _count(masked, plan))
+
+
+@dataclass
+class Threshold(UnmaskingPolicy):
+    threshold: float = 0.9
+    value_independent = False
+    may_finish_early = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+
+    def select(self, masked, plan, u=None, confidence=None):
+        if plan.closes_block:
+            return masked.clone()
+        at_least_one = _top_count(confidence, masked, masked.any(-1).long())
+        return at_least_one | (masked & (confidence >= self.threshold))
+
+
+UNMASKING_POLICIES = {
+    "ancestral": Ancestral,
+    "random": RandomUnmasking,
+    "low_confidence": LowConfidence,
+    "threshold": Threshold,
+}
+
+
+def get_unmasking(spec: str | UnmaskingPolicy, **kwargs) -> UnmaskingPolicy:
+    """A policy by name (``kwargs`` go to its constructor) or the object itself."""
+    if isinstance(spec, UnmaskingPolicy):
+        return spec
+    if spec not in UNMASKING_POLICIES:
+        raise ValueError(f"unmasking={spec!r} is not known; choose one of: {', '.join(UNMASKING_POLICIES)}")
+    return UNMASKING_POLICIES[spec](**kwargs)
+
+

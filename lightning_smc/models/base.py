@@ -1,0 +1,69 @@
+"""The denoiser contract (``ls.Denoiser``) and an exact denoiser for enumerable problems.
+
+A denoiser maps ``(x_t [B, L] long, t [B] float, cond)`` to logits ``[B, L, vocab_size]`` of
+``p_theta(x0 | x_t)``; ``vocab_size`` includes ``mask_id``. It never samples (DESIGN.md §2).
+
+``ExactDenoiser`` holds a joint distribution ``p0`` over ``V^L`` (small ``V`` and ``L``) and
+returns its exact conditionals: for a masked position ``i``,
+``p(x0_i = v | x_t) = sum_{x ~ x_t, x_i = v} p0(x) / sum_{x ~ x_t} p0(x)`` where ``x ~ x_t``
+means ``x`` agrees with every clean token of ``x_t`` (absorbing masking is uniform, so the
+posterior does not depend on ``t``). Clean positions get a one-hot (SUBS carry-over); the mask
+logit is ``-inf``. ``cond`` (a LongTensor ``[B]``) selects one of several joints, which gives
+"one denoiser under two conditions" for product targets; ``cond=None`` selects joint 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Denoiser", "ExactDenoiser"]
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    vocab_size: int
+    mask_id: int
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor: ...
+
+
+class ExactDenoiser:
+    """Exact ``p(x0 | x_t)`` of joint(s) ``p0`` given as probabilities ``[C, V, ..., V]`` or ``[V, ..., V]``."""
+
+    def __init__(self, joint: Tensor):
+        joint = torch.as_tensor(joint, dtype=torch.float64)
+        V = joint.shape[-1]
+        if joint.dim() >= 2 and all(s == V for s in joint.shape[1:]) and joint.shape[0] != V:
+            tables = joint
+        else:
+            tables = joint.unsqueeze(0)
+        if (tables < 0).any():
+            raise ValueError("joint probabilities must be non-negative")
+        self.length = tables.dim() - 1
+        self.num_values = V
+        self.vocab_size = V + 1
+        self.mask_id = V
+        self.probs = tables.reshape(tables.shape[0], -1) / tables.reshape(tables.shape[0], -1).sum(-1, keepdim=True)
+        self.states = torch.tensor(list(itertools.product(range(V), repeat=self.length)))  # [S, L]
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        table = self.probs[0].expand(x_t.shape[0], -1) if cond is None else self.probs[cond.long()]
+        states = self.states.to(x_t.device)
+        consistent = ((x_t.unsqueeze(1) == self.mask_id) | (x_t.unsqueeze(1) == states)).all(-1)  # [B, S]
+        mass = table.to(x_t.device) * consistent  # [B, S]
+        one_hot = torch.nn.functional.one_hot(states, self.num_values).to(mass.dtype)  # [S, L, V]
+        marg = torch.einsum("bs,slv->blv", mass, one_hot)
+        logits = torch.log(marg / marg.sum(-1, keepdim=True))
+        clean = x_t != self.mask_id
+        carry = torch.log(torch.nn.functional.one_hot(x_t.clamp_max(self.num_values - 1), self.num_values).to(mass.dtype))
+        logits = torch.where(clean.unsqueeze(-1), carry, logits)
+        return torch.cat([logits, torch.full_like(logits[..., :1], -torch.inf)], dim=-1)
+
+    def log_prob(self, x0: Tensor, cond: int = 0) -> Tensor:
+        """``log p0(x0)`` for complete sequences ``[B, L]``."""
+        index = (x0 * (self.num_values ** torch.arange(self.length - 1, -1, -1, device=x0.device))).sum(-1)
+        return torch.log(self.probs[cond].to(x0.device)[index])

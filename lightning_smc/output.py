@@ -1,0 +1,60 @@
+"""``SMCOutput``: particles, weights and diagnostics of one ``SMCSampler.sample`` call.
+
+Shapes (``B`` prompts, ``N`` particles, ``L`` length, ``T`` steps):
+
+- ``tokens [B, N, L]``; ``log_weights [B, N]`` float64, normalized (logsumexp over N is 0);
+- ``log_normalizer [B]``: ``log Ẑ``, an unbiased estimate (``E[Ẑ] = Z``) of the target's normalizer;
+- ``ess [B, T]``: ESS of the weights after step ``k`` (before any resample that follows it);
+- ``resampled [B, T]`` and ``ancestors [B, T, N]``: whether a resample followed step ``k`` and
+  which particle each slot came from (the identity where none did);
+- ``nfe``: number of network calls, each over all ``B * N`` sequences;
+- ``overtakes [B]``: resamples at which the final best particle's ancestor was not the
+  best particle of that moment (SR-SMC's "overtake" events).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["SMCOutput"]
+
+
+@dataclass
+class SMCOutput:
+    tokens: Tensor
+    log_weights: Tensor
+    log_normalizer: Tensor
+    ess: Tensor
+    resampled: Tensor
+    ancestors: Tensor
+    nfe: int
+    overtakes: Tensor
+
+    def best(self, score: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The highest-weight particle per prompt ``[B, L]``. ``score`` ``[B, N]`` (or a reward
+        called on all ``B * N`` sequences) ranks by that instead: best-of-N."""
+        if score is None:
+            score = self.log_weights
+        elif callable(score):
+            B, N, L = self.tokens.shape
+            score = score(self.tokens.reshape(B * N, L)).reshape(B, N)
+        index = score.argmax(dim=-1)
+        return self.tokens[torch.arange(self.tokens.shape[0], device=index.device), index]
+
+    @property
+    def weights(self) -> Tensor:
+        """Normalized weights ``[B, N]``."""
+        return self.log_weights.exp()
+
+    def lineage(self, particle: Tensor) -> Tensor:
+        """``[B, T]``: column ``k`` is the index, among the particles right after step ``k``, of
+        the ancestor of final particle ``particle [B]`` (the last column is ``particle``)."""
+        T = self.ancestors.shape[1]
+        cols = [particle]
+        for k in range(T - 2, -1, -1):
+            cols.append(self.ancestors[:, k].gather(1, cols[-1].unsqueeze(1)).squeeze(1))
+        return torch.stack(cols[::-1], dim=1)

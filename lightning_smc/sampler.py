@@ -1,0 +1,267 @@
+"""``SMCSampler``: the one sampler behind training rollouts, evaluation callbacks and the CLI.
+
+Notation (DESIGN.md §3): ``B`` prompts, ``N`` particles, ``R = B * N`` particle rows, ``L``
+length, ``T`` steps; ``x [R, L]`` the state, ``log_w [B, N]`` float64 log-weights,
+``log_Z [B]`` the running ``log Ẑ``. One step of the loop reads
+
+1. ``logits = denoiser(x_t, t, cond)``, ``log p = log_softmax`` with the mask removed;
+2. **reweight by the twist**: ``log_w += log gamma_t(x_t) - log gamma_prev`` (``RewardTilt``);
+3. **resample** the rows the strategy picks (never before the first step): ``log_Z +=
+   log mean exp(log_w)``, particles, logits and twists follow their ancestors, ``log_w = 0``;
+4. **propose**: ``log q`` from the proposal (base kernel by default), temperature / top-p
+   applied; the unmasking policy picks positions; tokens drawn by float64 Gumbel-max;
+5. **weight the move**: ``log_w += sum_committed [log pi(x_s) - log q(x_s)]`` (see ``potentials``).
+
+After the last step ``log_w += log gamma_0(x_0) - log gamma_prev`` and ``log_Z += log mean
+exp(log_w)``, so ``E[Ẑ] = Z`` including the initial twist. Randomness comes from one generator
+per prompt (``smc.seeding``): the same prompt and seed give the same particles alone or in
+any batch, and on any rank.
+
+Example::
+
+    sampler = SMCSampler(denoiser, num_particles=16, num_steps=64, unmasking="low_confidence",
+                         potential=SelfReward())
+    out = sampler.sample(seq_len=64, batch_size=2, generator=torch.Generator().manual_seed(0))
+    out.best()  # [2, 64], the highest-weight particle of each prompt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .context import StepContext, denoiser_log_probs, expand_rows
+from .diffusion import StepPlan, get_unmasking, gumbel_max, plan_steps, proposal_log_probs
+from .models.base import Denoiser
+from .output import SMCOutput
+from .potentials import Potential
+from .proposals import Proposal
+from .smc import RowGenerators, StepInfo, ess, get_resampling, get_strategy, log_mean_exp
+
+__all__ = ["SMCSampler"]
+
+
+class SMCSampler:
+    """Batched SMC over masked-diffusion denoising paths (``B`` prompts x ``N`` particles).
+
+    Args:
+        denoiser: an ``ls.Denoiser`` (``(x_t, t, cond) -> logits``).
+        num_particles: ``N`` per prompt (1 with no potential = the plain sampler).
+        num_steps: ``T`` reverse steps in total (shared equally by the blocks).
+        unmasking: ``"ancestral"``, ``"random"``, ``"low_confidence"``, ``"threshold"`` or a policy.
+        block_length: semi-autoregressive block length (``None``: one block).
+        temperature, top_p: applied to the proposal's logits (``temperature=0`` = greedy).
+        potential: ``None`` | ``SelfReward`` | ``RewardTilt`` | ``ProductTarget``.
+        proposal: ``None`` (base kernel) or any ``Proposal``, e.g. ``DenoiserProposal``.
+        resampling: scheme name (``systematic``, ``multinomial``, ``stratified``, ``residual``).
+        ess_threshold: resample when ``ESS < ess_threshold * N`` (the default strategy).
+        resample_when: a strategy spec overriding that (``"always"``, ``"every:10"``,
+            ``"block"``, ``"block:0.5"``, ``"never"``) or a strategy object.
+        schedule: ``alpha(t)`` for ``ancestral`` unmasking.
+        confidence_threshold: the ``threshold`` policy's confidence.
+        progress_bar: show a progress bar over steps.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        num_particles: int = 1,
+        num_steps: int = 128,
+        unmasking: Any = "ancestral",
+        block_length: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        potential: Potential | None = None,
+        proposal: Proposal | None = None,
+        resampling: str = "systematic",
+        ess_threshold: float = 0.5,
+        resample_when: Any = None,
+        schedule: Any = "linear",
+        confidence_threshold: float = 0.9,
+        progress_bar: bool = False,
+    ):
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        proposal_log_probs(torch.zeros(1, 2), temperature, top_p)  # validates both
+        kwargs = {"ancestral": {"schedule": schedule}, "threshold": {"threshold": confidence_threshold}}
+        self.policy = get_unmasking(unmasking, **kwargs.get(unmasking, {}) if isinstance(unmasking, str) else {})
+        self.denoiser = denoiser
+        self.num_particles, self.num_steps, self.block_length = num_particles, num_steps, block_length
+        self.temperature, self.top_p = temperature, top_p
+        self.potential = potential if potential is not None else Potential()
+        if hasattr(self.potential, "bind"):
+            self.potential.bind(denoiser)
+        self.proposal = proposal
+        self.resample = get_resampling(resampling)
+        self.strategy = get_strategy(resample_when if resample_when is not None else f"ess:{ess_threshold}")
+        self.progress_bar = progress_bar
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def sample(
+        self,
+        seq_len: int,
+        batch_size: int | None = None,
+        prompt: Tensor | None = None,
+        cond: Any = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        device: torch.device | str | None = None,
+    ) -> SMCOutput:
+        """Draw ``N`` weighted particles for each of ``B`` prompts (see the module docstring).
+
+        ``prompt [B, P]`` (``P <= seq_len``) fixes the first ``P`` tokens (``mask_id`` entries stay
+        free); ``cond`` has leading dimension ``B``; ``generator`` is one generator, or one per
+        prompt for results independent of batch composition."""
+        B, device = self._batch_and_device(batch_size, prompt, generator, device)
+        rows = self._row_generators(generator, B, device)
+        x, start = self._initial_state(seq_len, B, prompt, device)
+        plans = plan_steps(self.num_steps, seq_len, start, self.block_length)
+        return self._run(x, plans, expand_rows(cond, self.num_particles), rows)
+
+    # ------------------------------------------------------------------ loop
+    def _run(self, x: Tensor, plans: list[StepPlan], cond: Any, rows: RowGenerators) -> SMCOutput:
+        B, N, T = len(rows), self.num_particles, len(plans)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        log_w, log_Z, prev_twist = torch.zeros(B, N, **f64), torch.zeros(B, **f64), torch.zeros(B * N, **f64)
+        ess_trace, resampled = torch.full((B, T), float(N), **f64), torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        ancestors = torch.arange(N, device=x.device).repeat(B, T, 1)
+        pre_best = torch.zeros(B, T, dtype=torch.long, device=x.device)
+        nfe = 0
+        for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
+            k = plan.step
+            if self.policy.may_finish_early and not self._block_open(x, plan):
+                ess_trace[:, k - 1 :] = ess(log_w).unsqueeze(1)  # nothing left in this block
+                continue
+            ctx = StepContext(x, torch.full((x.shape[0],), plan.t, device=x.device), plan, cond, rows, N, self.denoiser.mask_id)
+            base_lp = denoiser_log_probs(self.denoiser(x, ctx.t, cond), ctx.mask_id)
+            nfe += 1 + self.potential.extra_nfe + getattr(self.proposal, "extra_nfe", 0)
+            twist = self.potential.twist(ctx, base_lp)
+            if twist is not None:
+                log_w += (twist - prev_twist).view(B, N)
+                prev_twist = twist
+            if k > 0:
+                ess_trace[:, k - 1] = ess(log_w)
+                chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block)) & (N > 1)
+                if chosen.any():
+                    index = self._resample(log_w, log_Z, chosen, rows, ancestors[:, k - 1], pre_best[:, k - 1])
+                    resampled[:, k - 1] = chosen
+                    x, base_lp, prev_twist = x[index], base_lp[index], prev_twist[index]
+                    ctx.x_t = x
+            x, increment = self._propagate(ctx, base_lp)
+            log_w += increment.view(B, N)
+        final = self.potential.final_twist(x)
+        if final is not None:
+            log_w += (final - prev_twist).view(B, N)
+        ess_trace[:, T - 1] = ess(log_w)
+        log_Z += log_mean_exp(log_w)
+        out = SMCOutput(x.view(B, N, -1), log_w - torch.logsumexp(log_w, -1, keepdim=True), log_Z,
+                        ess_trace, resampled, ancestors, nfe, torch.zeros(B, dtype=torch.long, device=x.device))
+        lineage = out.lineage(out.log_weights.argmax(-1))
+        out.overtakes = (resampled & (lineage != pre_best)).sum(-1)
+        return out
+
+    def _resample(self, log_w, log_Z, chosen, rows, ancestors_k, pre_best_k) -> Tensor:
+        """Resample the chosen rows in place; returns the flat row index ``[R]`` to gather."""
+        N = self.num_particles
+        for b in chosen.nonzero().flatten().tolist():
+            ancestors_k[b] = self.resample(log_w[b], N, rows.generator(b)).to(log_w.device)
+            pre_best_k[b] = log_w[b].argmax()
+            log_Z[b] += log_mean_exp(log_w[b])
+            log_w[b] = 0.0
+        offsets = torch.arange(log_w.shape[0], device=log_w.device).unsqueeze(1) * N
+        return (ancestors_k + offsets).flatten()
+
+    def _propagate(self, ctx: StepContext, base_lp: Tensor) -> tuple[Tensor, Tensor]:
+        """Commit tokens at the policy's positions; returns ``(x_s, increment [R])``."""
+        x, plan = ctx.x_t, ctx.plan
+        offset = self.potential.offset(ctx)
+        q_lp, correct = self._proposal_log_probs(ctx, base_lp, offset)
+        log_q = q_lp if (self.temperature == 1.0 and self.top_p == 1.0) else proposal_log_probs(q_lp, self.temperature, self.top_p)
+        in_block = torch.zeros_like(x, dtype=torch.bool)
+        in_block[:, plan.block_start : plan.block_end] = True
+        masked = in_block & (x == ctx.mask_id)
+        V = base_lp.shape[-1]
+        if self.policy.value_independent:
+            u = ctx.rows.rand((self.num_particles, x.shape[1]), x.device).view_as(x)
+            commit = self.policy.select(masked, plan, u=u)
+            tokens = gumbel_max(log_q[commit], ctx.rand_at(commit, (V,)))
+        else:
+            candidates = x.clone()
+            candidates[masked] = gumbel_max(log_q[masked], ctx.rand_at(masked, (V,)))
+            confidence = q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1).exp()
+            commit = self.policy.select(masked, plan, confidence=confidence)
+            tokens = candidates[commit]
+        x_s = x.clone()
+        x_s[commit] = tokens
+        at = tokens.unsqueeze(-1)
+        lp = base_lp[commit].gather(-1, at).squeeze(-1).to(torch.float64)
+        target = self.potential.exponent * lp
+        if offset is not None:
+            target = target + offset[commit].gather(-1, at).squeeze(-1).to(torch.float64)
+        reference = log_q[commit].gather(-1, at).squeeze(-1).to(torch.float64) if correct else lp
+        increment = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        increment.index_add_(0, commit.nonzero()[:, 0], target - reference)
+        return x_s, increment
+
+    def _proposal_log_probs(self, ctx, base_lp, offset) -> tuple[Tensor, bool]:
+        if self.proposal is not None:
+            return self.proposal(ctx, base_lp), self.proposal.correct
+        if self.potential.proposes:
+            return torch.log_softmax(self.potential.exponent * base_lp + offset, dim=-1), True
+        return base_lp, True
+
+    # ------------------------------------------------------------------ setup
+    def _block_open(self, x: Tensor, plan: StepPlan) -> bool:
+        return bool((x[:, plan.block_start : plan.block_end] == self.denoiser.mask_id).any())
+
+    def _batch_and_device(self, batch_size, prompt, generator, device):
+        B = batch_size
+        if prompt is not None:
+            if prompt.dim() != 2:
+                raise ValueError(f"prompt must be a LongTensor [batch, prompt_len], got shape {tuple(prompt.shape)}")
+            if B is not None and B != prompt.shape[0]:
+                raise ValueError(f"batch_size={B} but prompt has {prompt.shape[0]} rows")
+            B = prompt.shape[0]
+        if B is None:
+            B = len(generator) if isinstance(generator, Sequence) else 1
+        if B < 1:
+            raise ValueError(f"batch_size must be >= 1, got {B}")
+        if device is None:
+            device = prompt.device if prompt is not None else _module_device(self.denoiser)
+        return B, torch.device(device)
+
+    def _row_generators(self, generator, B: int, device) -> RowGenerators:
+        if isinstance(generator, Sequence):
+            if len(generator) != B:
+                raise ValueError(f"got {len(generator)} generators for {B} prompts; pass one per prompt or a single one")
+            return RowGenerators(list(generator))
+        return RowGenerators.split(generator, B, device)
+
+    def _initial_state(self, seq_len: int, B: int, prompt: Tensor | None, device) -> tuple[Tensor, int]:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        mask_id, V = self.denoiser.mask_id, self.denoiser.vocab_size
+        x = torch.full((B, seq_len), mask_id, dtype=torch.long, device=device)
+        start = 0
+        if prompt is not None:
+            if prompt.shape[1] >= seq_len:
+                raise ValueError(f"prompt length {prompt.shape[1]} leaves nothing to generate with seq_len={seq_len}")
+            if prompt.min() < 0 or prompt.max() >= V:
+                raise ValueError(f"prompt token ids must be in [0, vocab_size={V})")
+            start = prompt.shape[1]
+            x[:, :start] = prompt.to(device)
+        return x.repeat_interleave(self.num_particles, dim=0), start
+
+
+def _module_device(denoiser: Any) -> torch.device:
+    params = getattr(denoiser, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")

