@@ -80,7 +80,9 @@ def get_twist_schedule(schedule: str | Callable[[float], float]) -> Callable[[fl
         return lambda progress: 1.0
     if schedule == "linear":
         return lambda progress: progress
-    raise ValueError(f"schedule={schedule!r} is not a twist schedule; use 'constant', 'linear' or a callable")
+    raise ValueError(
+        f"schedule={schedule!r} is not a twist schedule; use 'constant', 'linear' or a callable"
+    )
 
 
 class RewardTilt(Potential):
@@ -94,9 +96,13 @@ class RewardTilt(Potential):
         num_samples: int = 1,
     ):
         if not alpha > 0:
-            raise ValueError(f"RewardTilt alpha must be > 0 (the tilt is exp(r / alpha)), got {alpha}")
+            raise ValueError(
+                f"RewardTilt alpha must be > 0 (the tilt is exp(r / alpha)), got {alpha}"
+            )
         if num_samples < 0:
-            raise ValueError(f"RewardTilt num_samples must be >= 0 (0 = greedy x0), got {num_samples}")
+            raise ValueError(
+                f"RewardTilt num_samples must be >= 0 (0 = greedy x0), got {num_samples}"
+            )
         self.reward = reward
         self.alpha = float(alpha)
         self.schedule = get_twist_schedule(schedule)
@@ -133,7 +139,9 @@ class ProductTarget(Potential):
 
     proposes = True
 
-    def __init__(self, weight: float, second_denoiser: Denoiser | None = None, second_cond: Any = None):
+    def __init__(
+        self, weight: float, second_denoiser: Denoiser | None = None, second_cond: Any = None
+    ):
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"ProductTarget weight must be a finite number > 0, got {weight}")
         self.exponent = float(weight)

@@ -89,17 +89,28 @@ class SMCSampler:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         proposal_log_probs(torch.zeros(1, 2), temperature, top_p)  # validates both
-        kwargs = {"ancestral": {"schedule": schedule}, "threshold": {"threshold": confidence_threshold}}
-        self.policy = get_unmasking(unmasking, **kwargs.get(unmasking, {}) if isinstance(unmasking, str) else {})
+        kwargs = {
+            "ancestral": {"schedule": schedule},
+            "threshold": {"threshold": confidence_threshold},
+        }
+        self.policy = get_unmasking(
+            unmasking, **kwargs.get(unmasking, {}) if isinstance(unmasking, str) else {}
+        )
         self.denoiser = denoiser
-        self.num_particles, self.num_steps, self.block_length = num_particles, num_steps, block_length
+        self.num_particles, self.num_steps, self.block_length = (
+            num_particles,
+            num_steps,
+            block_length,
+        )
         self.temperature, self.top_p = temperature, top_p
         self.potential = potential if potential is not None else Potential()
         if hasattr(self.potential, "bind"):
             self.potential.bind(denoiser)
         self.proposal = proposal
         self.resample = get_resampling(resampling)
-        self.strategy = get_strategy(resample_when if resample_when is not None else f"ess:{ess_threshold}")
+        self.strategy = get_strategy(
+            resample_when if resample_when is not None else f"ess:{ess_threshold}"
+        )
         self.progress_bar = progress_bar
 
     # ------------------------------------------------------------------ public
@@ -128,8 +139,15 @@ class SMCSampler:
     def _run(self, x: Tensor, plans: list[StepPlan], cond: Any, rows: RowGenerators) -> SMCOutput:
         B, N, T = len(rows), self.num_particles, len(plans)
         f64 = dict(dtype=torch.float64, device=x.device)
-        log_w, log_Z, prev_twist = torch.zeros(B, N, **f64), torch.zeros(B, **f64), torch.zeros(B * N, **f64)
-        ess_trace, resampled = torch.full((B, T), float(N), **f64), torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        log_w, log_Z, prev_twist = (
+            torch.zeros(B, N, **f64),
+            torch.zeros(B, **f64),
+            torch.zeros(B * N, **f64),
+        )
+        ess_trace, resampled = (
+            torch.full((B, T), float(N), **f64),
+            torch.zeros(B, T, dtype=torch.bool, device=x.device),
+        )
         ancestors = torch.arange(N, device=x.device).repeat(B, T, 1)
         pre_best = torch.zeros(B, T, dtype=torch.long, device=x.device)
         nfe = 0
@@ -138,7 +156,15 @@ class SMCSampler:
             if self.policy.may_finish_early and not self._block_open(x, plan):
                 ess_trace[:, k - 1 :] = ess(log_w).unsqueeze(1)  # nothing left in this block
                 continue
-            ctx = StepContext(x, torch.full((x.shape[0],), plan.t, device=x.device), plan, cond, rows, N, self.denoiser.mask_id)
+            ctx = StepContext(
+                x,
+                torch.full((x.shape[0],), plan.t, device=x.device),
+                plan,
+                cond,
+                rows,
+                N,
+                self.denoiser.mask_id,
+            )
             base_lp = denoiser_log_probs(self.denoiser(x, ctx.t, cond), ctx.mask_id)
             nfe += 1 + self.potential.extra_nfe + getattr(self.proposal, "extra_nfe", 0)
             twist = self.potential.twist(ctx, base_lp)
@@ -149,7 +175,9 @@ class SMCSampler:
                 ess_trace[:, k - 1] = ess(log_w)
                 chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block)) & (N > 1)
                 if chosen.any():
-                    index = self._resample(log_w, log_Z, chosen, rows, ancestors[:, k - 1], pre_best[:, k - 1])
+                    index = self._resample(
+                        log_w, log_Z, chosen, rows, ancestors[:, k - 1], pre_best[:, k - 1]
+                    )
                     resampled[:, k - 1] = chosen
                     x, base_lp, prev_twist = x[index], base_lp[index], prev_twist[index]
                     ctx.x_t = x
@@ -160,8 +188,16 @@ class SMCSampler:
             log_w += (final - prev_twist).view(B, N)
         ess_trace[:, T - 1] = ess(log_w)
         log_Z += log_mean_exp(log_w)
-        out = SMCOutput(x.view(B, N, -1), log_w - torch.logsumexp(log_w, -1, keepdim=True), log_Z,
-                        ess_trace, resampled, ancestors, nfe, torch.zeros(B, dtype=torch.long, device=x.device))
+        out = SMCOutput(
+            x.view(B, N, -1),
+            log_w - torch.logsumexp(log_w, -1, keepdim=True),
+            log_Z,
+            ess_trace,
+            resampled,
+            ancestors,
+            nfe,
+            torch.zeros(B, dtype=torch.long, device=x.device),
+        )
         lineage = out.lineage(out.log_weights.argmax(-1))
         out.overtakes = (resampled & (lineage != pre_best)).sum(-1)
         return out
@@ -182,7 +218,11 @@ class SMCSampler:
         x, plan = ctx.x_t, ctx.plan
         offset = self.potential.offset(ctx)
         q_lp, correct = self._proposal_log_probs(ctx, base_lp, offset)
-        log_q = q_lp if (self.temperature == 1.0 and self.top_p == 1.0) else proposal_log_probs(q_lp, self.temperature, self.top_p)
+        log_q = (
+            q_lp
+            if (self.temperature == 1.0 and self.top_p == 1.0)
+            else proposal_log_probs(q_lp, self.temperature, self.top_p)
+        )
         in_block = torch.zeros_like(x, dtype=torch.bool)
         in_block[:, plan.block_start : plan.block_end] = True
         masked = in_block & (x == ctx.mask_id)
@@ -194,7 +234,9 @@ class SMCSampler:
         else:
             candidates = x.clone()
             candidates[masked] = gumbel_max(log_q[masked], ctx.rand_at(masked, (V,)))
-            confidence = q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1).exp()
+            confidence = (
+                q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1).exp()
+            )
             commit = self.policy.select(masked, plan, confidence=confidence)
             tokens = candidates[commit]
         x_s = x.clone()
@@ -224,8 +266,10 @@ class SMCSampler:
         B = batch_size
         if prompt is not None:
             if prompt.dim() != 2:
-                raise ValueError(f"prompt must be a LongTensor [batch, prompt_len], got shape {tuple(prompt.shape)}")
-            if B is not None and B != prompt.shape[0]:
+                raise ValueError(
+                    f"prompt must be a LongTensor [batch, prompt_len], got shape {tuple(prompt.shape)}"
+                )
+            if B is not None and prompt.shape[0] != B:
                 raise ValueError(f"batch_size={B} but prompt has {prompt.shape[0]} rows")
             B = prompt.shape[0]
         if B is None:
@@ -239,11 +283,15 @@ class SMCSampler:
     def _row_generators(self, generator, B: int, device) -> RowGenerators:
         if isinstance(generator, Sequence):
             if len(generator) != B:
-                raise ValueError(f"got {len(generator)} generators for {B} prompts; pass one per prompt or a single one")
+                raise ValueError(
+                    f"got {len(generator)} generators for {B} prompts; pass one per prompt or a single one"
+                )
             return RowGenerators(list(generator))
         return RowGenerators.split(generator, B, device)
 
-    def _initial_state(self, seq_len: int, B: int, prompt: Tensor | None, device) -> tuple[Tensor, int]:
+    def _initial_state(
+        self, seq_len: int, B: int, prompt: Tensor | None, device
+    ) -> tuple[Tensor, int]:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         mask_id, V = self.denoiser.mask_id, self.denoiser.vocab_size
@@ -251,7 +299,9 @@ class SMCSampler:
         start = 0
         if prompt is not None:
             if prompt.shape[1] >= seq_len:
-                raise ValueError(f"prompt length {prompt.shape[1]} leaves nothing to generate with seq_len={seq_len}")
+                raise ValueError(
+                    f"prompt length {prompt.shape[1]} leaves nothing to generate with seq_len={seq_len}"
+                )
             if prompt.min() < 0 or prompt.max() >= V:
                 raise ValueError(f"prompt token ids must be in [0, vocab_size={V})")
             start = prompt.shape[1]

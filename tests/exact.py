@@ -42,7 +42,9 @@ def estimate(out: ls.SMCOutput) -> tuple[torch.Tensor, torch.Tensor]:
     return pi_hat, se
 
 
-def max_z_score(pi_hat: torch.Tensor, se: torch.Tensor, target: torch.Tensor, num_samples: int) -> float:
+def max_z_score(
+    pi_hat: torch.Tensor, se: torch.Tensor, target: torch.Tensor, num_samples: int
+) -> float:
     """Largest per-state ``|pi_hat - pi| / SE``. The SE is floored at the iid binomial SE of
     ``num_samples`` draws, so a rarely visited state cannot make the test vacuous or infinite."""
     target = target / target.sum()

@@ -17,15 +17,21 @@ B, N = 3000, 8
 
 
 def run(denoiser, seed=0, batch=B, particles=N, **kwargs):
-    sampler = ls.SMCSampler(denoiser, num_particles=particles, num_steps=L, unmasking="random", **kwargs)
-    return sampler.sample(seq_len=L, batch_size=batch, generator=torch.Generator().manual_seed(seed))
+    sampler = ls.SMCSampler(
+        denoiser, num_particles=particles, num_steps=L, unmasking="random", **kwargs
+    )
+    return sampler.sample(
+        seq_len=L, batch_size=batch, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def check(out, target, Z, wrong_target):
     pi_hat, se = estimate(out)
     n = out.tokens.shape[0] * out.tokens.shape[1]
     assert max_z_score(pi_hat, se, target, n) < Z_MAX
-    assert max_z_score(pi_hat, se, wrong_target, n) > 2 * Z_MAX, "the test cannot tell the wrong target apart"
+    assert max_z_score(pi_hat, se, wrong_target, n) > 2 * Z_MAX, (
+        "the test cannot tell the wrong target apart"
+    )
     assert z_of_normalizer(out, Z) < Z_MAX
 
 
@@ -55,7 +61,11 @@ def test_self_reward_targets_p0_squared():
 
 def test_self_reward_beta_targets_power():
     p0 = toy_joint(2).flatten()
-    out = run(ls.ExactDenoiser(p0.view((3,) * L)), potential=ls.SelfReward(beta=0.5), resample_when="always")
+    out = run(
+        ls.ExactDenoiser(p0.view((3,) * L)),
+        potential=ls.SelfReward(beta=0.5),
+        resample_when="always",
+    )
     check(out, p0**1.5, float((p0**1.5).sum()), p0**2)
 
 
@@ -75,14 +85,22 @@ def test_reward_tilt_base_proposal(schedule, num_samples):
 def test_reward_tilt_with_a_different_denoiser_proposal():
     p0, q0 = toy_joint(4), toy_joint(5, sharpness=1.0)
     potential = ls.RewardTilt(reward_fn, alpha=ALPHA, schedule="linear")
-    out = run(ls.ExactDenoiser(p0), potential=potential, proposal=ls.DenoiserProposal(ls.ExactDenoiser(q0)))
+    out = run(
+        ls.ExactDenoiser(p0),
+        potential=potential,
+        proposal=ls.DenoiserProposal(ls.ExactDenoiser(q0)),
+    )
     target = tilted(p0)
     check(out, target, float(target.sum()), tilted(q0))
 
 
 def test_denoiser_proposal_without_potential_targets_base():
     p0, q0 = toy_joint(6), toy_joint(7, sharpness=1.0)
-    out = run(ls.ExactDenoiser(p0), proposal=ls.DenoiserProposal(ls.ExactDenoiser(q0)), resampling="residual")
+    out = run(
+        ls.ExactDenoiser(p0),
+        proposal=ls.DenoiserProposal(ls.ExactDenoiser(q0)),
+        resampling="residual",
+    )
     check(out, p0.flatten(), 1.0, q0.flatten())
 
 
@@ -106,7 +124,14 @@ def test_product_target_with_guidance_weight_two(two_denoisers):
     else:  # one denoiser, two conditions: cond=1 -> p1, second_cond=None -> p2 (CFG)
         denoiser = ls.ExactDenoiser(torch.stack([p2, p1]))
         potential = ls.ProductTarget(weight=w, second_cond=None)
-        sampler = ls.SMCSampler(denoiser, num_particles=N, num_steps=L, unmasking="random", potential=potential)
-        out = sampler.sample(L, batch_size=B, cond=torch.ones(B, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+        sampler = ls.SMCSampler(
+            denoiser, num_particles=N, num_steps=L, unmasking="random", potential=potential
+        )
+        out = sampler.sample(
+            L,
+            batch_size=B,
+            cond=torch.ones(B, dtype=torch.long),
+            generator=torch.Generator().manual_seed(0),
+        )
     target = p1.flatten() ** w * p2.flatten() ** (1 - w)
     check(out, target, float(target.sum()), p1.flatten())

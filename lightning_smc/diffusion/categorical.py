@@ -19,7 +19,9 @@ __all__ = ["gumbel_max", "proposal_log_probs", "sample_categorical"]
 _TINY = torch.finfo(torch.float64).tiny
 
 
-def proposal_log_probs(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, mask_id: int | None = None) -> Tensor:
+def proposal_log_probs(
+    logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, mask_id: int | None = None
+) -> Tensor:
     """Normalized log-probabilities of the tempered, top-p filtered distribution (mask excluded)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -61,6 +63,8 @@ def sample_categorical(
     """Draw tokens ``[...]`` from ``logits [..., V]``; returns ``(tokens, log q(tokens))``."""
     log_q = proposal_log_probs(logits, temperature, top_p, mask_id)
     device = generator.device if generator is not None else logits.device
-    u = torch.rand(log_q.shape, generator=generator, dtype=torch.float64, device=device).to(logits.device)
+    u = torch.rand(log_q.shape, generator=generator, dtype=torch.float64, device=device).to(
+        logits.device
+    )
     tokens = gumbel_max(log_q, u)
     return tokens, log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

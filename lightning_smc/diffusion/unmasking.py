@@ -75,7 +75,9 @@ class StepPlan:
         return self.index == self.steps_in_block - 1
 
 
-def plan_steps(num_steps: int, seq_len: int, start: int = 0, block_length: int | None = None) -> list[StepPlan]:
+def plan_steps(
+    num_steps: int, seq_len: int, start: int = 0, block_length: int | None = None
+) -> list[StepPlan]:
     """The step plan for generating positions ``[start, seq_len)``."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -95,7 +97,9 @@ def plan_steps(num_steps: int, seq_len: int, start: int = 0, block_length: int |
     plans = []
     for b in range(num_blocks):
         lo, hi = start + b * block_length, min(seq_len, start + (b + 1) * block_length)
-        plans += [StepPlan(b * per_block + i, num_steps, lo, hi, i, per_block) for i in range(per_block)]
+        plans += [
+            StepPlan(b * per_block + i, num_steps, lo, hi, i, per_block) for i in range(per_block)
+        ]
     return plans
 
 
@@ -109,7 +113,9 @@ def _top_count(scores: Tensor, masked: Tensor, count: Tensor) -> Tensor:
     """The ``count[r]`` highest-scoring masked positions of each row."""
     scores = scores.to(torch.float64).masked_fill(~masked, -torch.inf)
     order = scores.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
     return masked & (rank < count.unsqueeze(-1))
 
 
@@ -121,7 +127,13 @@ class UnmaskingPolicy:
     value_independent: bool = True
     may_finish_early: bool = False
 
-    def select(self, masked: Tensor, plan: StepPlan, u: Tensor | None = None, confidence: Tensor | None = None) -> Tensor:
+    def select(
+        self,
+        masked: Tensor,
+        plan: StepPlan,
+        u: Tensor | None = None,
+        confidence: Tensor | None = None,
+    ) -> Tensor:
         raise NotImplementedError
 
 
@@ -184,7 +196,7 @@ def get_unmasking(spec: str | UnmaskingPolicy, **kwargs) -> UnmaskingPolicy:
     if isinstance(spec, UnmaskingPolicy):
         return spec
     if spec not in UNMASKING_POLICIES:
-        raise ValueError(f"unmasking={spec!r} is not known; choose one of: {', '.join(UNMASKING_POLICIES)}")
+        raise ValueError(
+            f"unmasking={spec!r} is not known; choose one of: {', '.join(UNMASKING_POLICIES)}"
+        )
     return UNMASKING_POLICIES[spec](**kwargs)
-
-

@@ -47,23 +47,33 @@ class ExactDenoiser:
         self.num_values = V
         self.vocab_size = V + 1
         self.mask_id = V
-        self.probs = tables.reshape(tables.shape[0], -1) / tables.reshape(tables.shape[0], -1).sum(-1, keepdim=True)
+        self.probs = tables.reshape(tables.shape[0], -1) / tables.reshape(tables.shape[0], -1).sum(
+            -1, keepdim=True
+        )
         self.states = torch.tensor(list(itertools.product(range(V), repeat=self.length)))  # [S, L]
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         table = self.probs[0].expand(x_t.shape[0], -1) if cond is None else self.probs[cond.long()]
         states = self.states.to(x_t.device)
-        consistent = ((x_t.unsqueeze(1) == self.mask_id) | (x_t.unsqueeze(1) == states)).all(-1)  # [B, S]
+        consistent = ((x_t.unsqueeze(1) == self.mask_id) | (x_t.unsqueeze(1) == states)).all(
+            -1
+        )  # [B, S]
         mass = table.to(x_t.device) * consistent  # [B, S]
         one_hot = torch.nn.functional.one_hot(states, self.num_values).to(mass.dtype)  # [S, L, V]
         marg = torch.einsum("bs,slv->blv", mass, one_hot)
         logits = torch.log(marg / marg.sum(-1, keepdim=True))
         clean = x_t != self.mask_id
-        carry = torch.log(torch.nn.functional.one_hot(x_t.clamp_max(self.num_values - 1), self.num_values).to(mass.dtype))
+        carry = torch.log(
+            torch.nn.functional.one_hot(x_t.clamp_max(self.num_values - 1), self.num_values).to(
+                mass.dtype
+            )
+        )
         logits = torch.where(clean.unsqueeze(-1), carry, logits)
         return torch.cat([logits, torch.full_like(logits[..., :1], -torch.inf)], dim=-1)
 
     def log_prob(self, x0: Tensor, cond: int = 0) -> Tensor:
         """``log p0(x0)`` for complete sequences ``[B, L]``."""
-        index = (x0 * (self.num_values ** torch.arange(self.length - 1, -1, -1, device=x0.device))).sum(-1)
+        index = (
+            x0 * (self.num_values ** torch.arange(self.length - 1, -1, -1, device=x0.device))
+        ).sum(-1)
         return torch.log(self.probs[cond].to(x0.device)[index])

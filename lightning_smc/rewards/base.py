@@ -25,9 +25,15 @@ def check_reward_output(reward: object, value: Tensor, batch: int) -> Tensor:
     """``value`` as float64 ``[batch]``, or a ``ValueError`` that names the reward and the problem."""
     name = getattr(reward, "__name__", type(reward).__name__)
     if not isinstance(value, Tensor):
-        raise TypeError(f"reward {name} must return a torch.Tensor of shape [{batch}], got {type(value).__name__}")
+        raise TypeError(
+            f"reward {name} must return a torch.Tensor of shape [{batch}], got {type(value).__name__}"
+        )
     if value.shape != (batch,):
-        raise ValueError(f"reward {name} returned shape {tuple(value.shape)}; it must return one score per sequence, shape [{batch}]")
+        raise ValueError(
+            f"reward {name} returned shape {tuple(value.shape)}; it must return one score per sequence, shape [{batch}]"
+        )
     if not torch.isfinite(value).all():
-        raise ValueError(f"reward {name} returned a non-finite score (NaN or inf); rewards must be finite")
+        raise ValueError(
+            f"reward {name} returned a non-finite score (NaN or inf); rewards must be finite"
+        )
     return value.to(torch.float64)

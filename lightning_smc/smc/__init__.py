@@ -8,8 +8,8 @@ float64, ancestors ``A`` as LongTensors, every stochastic call with an explicit 
 from .resampling import RESAMPLING_SCHEMES, get_resampling, register_resampling
 from .seeding import RowGenerators, derive_seed, rand_at
 from .strategies import (
-    AtBlockBoundaries,
     Always,
+    AtBlockBoundaries,
     ESSBelow,
     EveryK,
     Never,

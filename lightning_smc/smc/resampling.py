@@ -78,7 +78,9 @@ def _inverse_cdf(W: Tensor, u: Tensor) -> Tensor:
 
 
 @register_resampling("multinomial")
-def multinomial(log_w: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+def multinomial(
+    log_w: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
     W = _weights(log_w)
     return _inverse_cdf(W, _uniforms((*W.shape[:-1], num_samples), generator, W))
 
@@ -107,7 +109,9 @@ def residual(log_w: Tensor, num_samples: int, generator: torch.Generator | None 
     n_det = copies.sum(-1, keepdim=True).long()  # deterministic draws per row
     # Slot j < n_det takes the particle whose cumulative copy count first exceeds j.
     j = torch.arange(num_samples, device=W.device)
-    det = torch.searchsorted(torch.cumsum(copies, -1).long(), j.expand(*W.shape[:-1], -1).contiguous(), right=True)
+    det = torch.searchsorted(
+        torch.cumsum(copies, -1).long(), j.expand(*W.shape[:-1], -1).contiguous(), right=True
+    )
     # The remaining slots are multinomial draws on the residual weights.
     rest = (scaled - copies).clamp_min(0.0)
     has_rest = rest.sum(-1, keepdim=True) > 0

@@ -56,7 +56,9 @@ class RowGenerators:
         return cls([torch.Generator(device=device).manual_seed(int(s)) for s in seeds])
 
     @classmethod
-    def split(cls, generator: torch.Generator | None, rows: int, device: torch.device | str = "cpu") -> RowGenerators:
+    def split(
+        cls, generator: torch.Generator | None, rows: int, device: torch.device | str = "cpu"
+    ) -> RowGenerators:
         """Row ``b`` is seeded with ``derive_seed(s, b)``, ``s`` one draw from ``generator``."""
         base = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         return cls.from_seeds([derive_seed(base, b) for b in range(rows)], device)
@@ -65,7 +67,9 @@ class RowGenerators:
         """Uniforms ``[B, *shape]``, row ``b`` drawn from generator ``b``."""
         return torch.stack([self.rand_row(b, shape, device, dtype) for b in range(len(self))])
 
-    def rand_row(self, b: int, shape: Sequence[int], device: torch.device | str, dtype=torch.float64) -> Tensor:
+    def rand_row(
+        self, b: int, shape: Sequence[int], device: torch.device | str, dtype=torch.float64
+    ) -> Tensor:
         g = self.generators[b]
         return torch.rand(tuple(shape), generator=g, dtype=dtype, device=g.device).to(device)
 

@@ -1,0 +1,250 @@
+"""Sampler overhead: wall time of ``SMCSampler.sample`` / time spent inside the denoiser.
+
+The denoiser is wrapped in ``TimedDenoiser`` (an ``ls.Denoiser``: ``vocab_size``, ``mask_id``,
+``__call__``) that accumulates ``time.perf_counter`` around every forward call (with
+``torch.cuda.synchronize`` before and after on CUDA, so queued sampler kernels are not billed
+to the network). The **overhead ratio** is ``wall / forward``: 1.00 is the physical limit (the
+sampler costs nothing beyond the network), the target is <= 1.05.
+
+Configurations (``B`` prompts, ``N`` particles, ``T`` steps, ``L`` length):
+
+1. ``ancestral``     plain MDLM ancestral sampling, ``N = 1``, no potential;
+2. ``sr-smc``        SR-SMC, ``N`` particles, ``low_confidence`` unmasking, ``SelfReward()``,
+                     ESS-adaptive resampling (the default ``ess:0.5``);
+3. ``sr-smc-block``  the same inside semi-autoregressive blocks of ``block_length`` with
+                     ``resample_when="block:0.5"`` (SR-SMC's per-block rule).
+
+Each configuration gets one warm-up run and then ``--repeats`` timed runs; the table shows
+the medians. Run ``python benchmarks/sampler_overhead.py --help`` for the flags; ``--quick``
+uses tiny sizes (a smoke run of a few seconds) and ``--profile`` prints a cProfile summary of
+one extra run per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import platform
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import lightning_smc as ls
+except ImportError:  # running from a checkout without an installed package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import lightning_smc as ls
+
+__all__ = ["CONFIGS", "Sizes", "TimedDenoiser", "main", "run_benchmark", "run_config"]
+
+
+@dataclass
+class Sizes:
+    """Model and run sizes. Defaults: a small but real text denoiser (~6M parameters)."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128
+    steps: int = 64
+    batch: int = 2
+    particles: int = 16
+    block_length: int = 32
+
+
+QUICK = Sizes(vocab_size=64, d_model=32, n_layers=1, n_heads=2, seq_len=16, steps=4, batch=2, particles=4, block_length=8)
+
+
+class TimedDenoiser:
+    """An ``ls.Denoiser`` that forwards to ``inner`` and accumulates the time spent in it."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.vocab_size = inner.vocab_size
+        self.mask_id = inner.mask_id
+        self.seconds = 0.0
+        self.calls = 0
+        self._cuda = any(p.is_cuda for p in inner.parameters()) if hasattr(inner, "parameters") else False
+
+    def parameters(self):  # lets the sampler infer the device
+        return self.inner.parameters()
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def __call__(self, x_t, t, cond=None):
+        if self._cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = self.inner(x_t, t, cond)
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return logits
+
+
+def _sampler_kwargs(name: str, sizes: Sizes) -> dict[str, Any]:
+    if name == "ancestral":
+        return dict(num_particles=1, unmasking="ancestral", potential=None)
+    smc = dict(num_particles=sizes.particles, unmasking="low_confidence", potential=ls.SelfReward())
+    if name == "sr-smc":
+        return smc
+    if name == "sr-smc-block":
+        return dict(smc, block_length=sizes.block_length, resample_when="block:0.5")
+    raise ValueError(f"unknown config {name!r}; choose from {CONFIGS}")
+
+
+CONFIGS = ("ancestral", "sr-smc", "sr-smc-block")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_config(
+    name: str, denoiser: TimedDenoiser, sizes: Sizes, device: torch.device, repeats: int, profile: bool = False
+) -> dict[str, Any]:
+    """One warm-up run and ``repeats`` timed runs of one configuration."""
+    sampler = ls.SMCSampler(denoiser, num_steps=sizes.steps, **_sampler_kwargs(name, sizes))
+
+    def once(seed: int) -> tuple[float, float, int, int]:
+        denoiser.reset()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        _sync(device)
+        start = time.perf_counter()
+        out = sampler.sample(seq_len=sizes.seq_len, batch_size=sizes.batch, generator=generator, device=device)
+        _sync(device)
+        wall = time.perf_counter() - start
+        return wall, denoiser.seconds, out.nfe, int(out.resampled.sum())
+
+    once(0)  # warm-up
+    walls, forwards, ratios = [], [], []
+    for r in range(repeats):
+        wall, fwd, nfe, resamples = once(r + 1)
+        walls.append(wall)
+        forwards.append(fwd)
+        ratios.append(wall / fwd if fwd > 0 else math.inf)
+    result = {
+        "config": name,
+        "wall_s": statistics.median(walls),
+        "forward_s": statistics.median(forwards),
+        "ratio": statistics.median(ratios),
+        "nfe": nfe,
+        "forward_calls": denoiser.calls,
+        "resamples": resamples,
+        "rows": sizes.batch * (1 if name == "ancestral" else sizes.particles),
+        "walls_s": walls,
+        "forwards_s": forwards,
+        "ratios": ratios,
+    }
+    result["overhead_ms_per_step"] = 1e3 * (result["wall_s"] - result["forward_s"]) / max(nfe, 1)
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        once(repeats + 1)
+        prof.disable()
+        stream = io.StringIO()
+        pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(25)
+        result["profile"] = stream.getvalue()
+    return result
+
+
+def run_benchmark(
+    sizes: Sizes, device: str = "cpu", repeats: int = 3, configs=CONFIGS, profile: bool = False, seed: int = 0
+) -> dict[str, Any]:
+    """Build the denoiser and time every configuration; returns a JSON-ready dict."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = ls.TinyTransformerDenoiser(
+        sizes.vocab_size, max_len=sizes.seq_len, d_model=sizes.d_model, n_layers=sizes.n_layers, n_heads=sizes.n_heads
+    )
+    model = model.to(device).eval()
+    denoiser = TimedDenoiser(model)
+    results = {name: run_config(name, denoiser, sizes, device, repeats, profile) for name in configs}
+    return {
+        "sizes": asdict(sizes),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "configs": results,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = f"{'config':<14} {'wall s':>8} {'forward s':>10} {'overhead':>9} {'NFE':>5} {'rows':>5} {'resamples':>9} {'non-fwd ms/step':>15}"
+    lines = [header, "-" * len(header)]
+    for r in report["configs"].values():
+        lines.append(
+            f"{r['config']:<14} {r['wall_s']:>8.3f} {r['forward_s']:>10.3f} {r['ratio']:>9.3f} {r['nfe']:>5d} "
+            f"{r['rows']:>5d} {r['resamples']:>9d} {r['overhead_ms_per_step']:>15.2f}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--steps", type=int, help=f"reverse steps T (default {Sizes.steps})")
+    p.add_argument("--seq-len", type=int, help=f"sequence length L (default {Sizes.seq_len})")
+    p.add_argument("--batch", type=int, help=f"prompts B per sample() call (default {Sizes.batch})")
+    p.add_argument("--particles", type=int, help=f"particles N for the SMC configs (default {Sizes.particles})")
+    p.add_argument("--block-length", type=int, help=f"block length of sr-smc-block (default {Sizes.block_length})")
+    p.add_argument("--vocab-size", type=int, help=f"denoiser vocabulary incl. mask (default {Sizes.vocab_size})")
+    p.add_argument("--d-model", type=int, help=f"denoiser width (default {Sizes.d_model})")
+    p.add_argument("--layers", type=int, dest="n_layers", help=f"denoiser layers (default {Sizes.n_layers})")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per config after one warm-up; the median is shown (default 3)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="which configs to run")
+    p.add_argument("--json", type=Path, help="write the results (incl. every repeat) to this file")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run of a few seconds")
+    p.add_argument("--profile", action="store_true", help="print a cProfile summary (by own time) of one extra run per config")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    sizes = Sizes(**asdict(QUICK)) if args.quick else Sizes()
+    for field in ("steps", "seq_len", "batch", "particles", "block_length", "vocab_size", "d_model", "n_layers"):
+        if getattr(args, field) is not None:
+            setattr(sizes, field, getattr(args, field))
+    print(
+        f"TinyTransformerDenoiser: vocab_size={sizes.vocab_size} d_model={sizes.d_model} layers={sizes.n_layers} "
+        f"heads={sizes.n_heads}; seq_len={sizes.seq_len} steps={sizes.steps} batch={sizes.batch} "
+        f"particles={sizes.particles} block_length={sizes.block_length}; device={args.device} "
+        f"threads={torch.get_num_threads()} repeats={args.repeats} (median shown)",
+        flush=True,
+    )
+    report = run_benchmark(sizes, args.device, args.repeats, args.configs, args.profile)
+    print(f"parameters: {report['parameters'] / 1e6:.2f}M")
+    print(format_table(report))
+    print("overhead = wall / forward (1.00 = no sampler cost; target <= 1.05)")
+    if args.profile:
+        for r in report["configs"].values():
+            print(f"\n=== cProfile: {r['config']} (one run, sorted by own time) ===\n{r['profile']}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
