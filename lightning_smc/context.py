@@ -20,7 +20,7 @@ from torch import Tensor
 from .diffusion import StepPlan
 from .smc import RowGenerators, rand_at
 
-__all__ = ["StepContext", "denoiser_log_probs", "expand_rows"]
+__all__ = ["StepContext", "denoiser_log_probs", "expand_rows", "index_rows"]
 
 
 def expand_rows(value: Any, repeats: int) -> Any:
@@ -33,6 +33,17 @@ def expand_rows(value: Any, repeats: int) -> Any:
         return {k: expand_rows(v, repeats) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(expand_rows(v, repeats) for v in value)
+    return value
+
+
+def index_rows(value: Any, index: Tensor) -> Any:
+    """Select rows ``index`` of every tensor in ``value`` (tensor, dict, list/tuple or None)."""
+    if isinstance(value, Tensor):
+        return value[index]
+    if isinstance(value, dict):
+        return {k: index_rows(v, index) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(index_rows(v, index) for v in value)
     return value
 
 

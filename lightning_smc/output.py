@@ -7,7 +7,8 @@ Shapes (``B`` prompts, ``N`` particles, ``L`` length, ``T`` steps):
 - ``ess [B, T]``: ESS of the weights after step ``k`` (before any resample that follows it);
 - ``resampled [B, T]`` and ``ancestors [B, T, N]``: whether a resample followed step ``k`` and
   which particle each slot came from (the identity where none did);
-- ``nfe``: number of network calls, each over all ``B * N`` sequences;
+- ``nfe``: network evaluations per particle sequence (all networks; with the cache only the
+  rows actually evaluated count, so it can be fractional);
 - ``overtakes [B]``: resamples at which the final best particle's ancestor was not the
   best particle of that moment (SR-SMC's "overtake" events).
 """
@@ -31,7 +32,7 @@ class SMCOutput:
     ess: Tensor
     resampled: Tensor
     ancestors: Tensor
-    nfe: int
+    nfe: float
     overtakes: Tensor
 
     def best(self, score: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:

@@ -28,13 +28,15 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .context import StepContext, denoiser_log_probs, expand_rows
+from .cache import CachedDenoiser
+from .context import StepContext, expand_rows
 from .diffusion import StepPlan, get_unmasking, gumbel_max, plan_steps, proposal_log_probs
 from .models.base import Denoiser
 from .output import SMCOutput
@@ -63,6 +65,8 @@ class SMCSampler:
             ``"block"``, ``"block:0.5"``, ``"never"``) or a strategy object.
         schedule: ``alpha(t)`` for ``ancestral`` unmasking.
         confidence_threshold: the ``threshold`` policy's confidence.
+        cache: reuse a particle's logits when none of its tokens changed (MDLM's ``ddpm_cache``;
+            needs a denoiser without time conditioning). ``out.nfe`` counts what was evaluated.
         progress_bar: show a progress bar over steps.
     """
 
@@ -82,6 +86,7 @@ class SMCSampler:
         resample_when: Any = None,
         schedule: Any = "linear",
         confidence_threshold: float = 0.9,
+        cache: bool = False,
         progress_bar: bool = False,
     ):
         if num_particles < 1:
@@ -112,6 +117,8 @@ class SMCSampler:
             resample_when if resample_when is not None else f"ess:{ess_threshold}"
         )
         self.progress_bar = progress_bar
+        self.cache = cache
+        CachedDenoiser(denoiser, cache)  # validates cache against the denoiser
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -138,80 +145,54 @@ class SMCSampler:
     # ------------------------------------------------------------------ loop
     def _run(self, x: Tensor, plans: list[StepPlan], cond: Any, rows: RowGenerators) -> SMCOutput:
         B, N, T = len(rows), self.num_particles, len(plans)
-        f64 = dict(dtype=torch.float64, device=x.device)
-        log_w, log_Z, prev_twist = (
-            torch.zeros(B, N, **f64),
-            torch.zeros(B, **f64),
-            torch.zeros(B * N, **f64),
+        trace = _Trace.empty(B, N, T, x.device)
+        log_w, prev_twist = (
+            trace.new_weights(),
+            torch.zeros(B * N, dtype=torch.float64, device=x.device),
         )
-        ess_trace, resampled = (
-            torch.full((B, T), float(N), **f64),
-            torch.zeros(B, T, dtype=torch.bool, device=x.device),
-        )
-        ancestors = torch.arange(N, device=x.device).repeat(B, T, 1)
-        pre_best = torch.zeros(B, T, dtype=torch.long, device=x.device)
-        nfe = 0
+        network = CachedDenoiser(self.denoiser, self.cache)
+        extra_evals = 0
         for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
             k = plan.step
             if self.policy.may_finish_early and not self._block_open(x, plan):
-                ess_trace[:, k - 1 :] = ess(log_w).unsqueeze(1)  # nothing left in this block
+                trace.ess[:, k - 1 :] = ess(log_w).unsqueeze(1)  # nothing left in this block
                 continue
-            ctx = StepContext(
-                x,
-                torch.full((x.shape[0],), plan.t, device=x.device),
-                plan,
-                cond,
-                rows,
-                N,
-                self.denoiser.mask_id,
-            )
-            base_lp = denoiser_log_probs(self.denoiser(x, ctx.t, cond), ctx.mask_id)
-            nfe += 1 + self.potential.extra_nfe + getattr(self.proposal, "extra_nfe", 0)
+            t = torch.full((x.shape[0],), plan.t, device=x.device)
+            ctx = StepContext(x, t, plan, cond, rows, N, self.denoiser.mask_id)
+            base_lp = network(x, t, cond)
+            extra_evals += self.potential.extra_nfe + getattr(self.proposal, "extra_nfe", 0)
             twist = self.potential.twist(ctx, base_lp)
             if twist is not None:
                 log_w += (twist - prev_twist).view(B, N)
                 prev_twist = twist
             if k > 0:
-                ess_trace[:, k - 1] = ess(log_w)
+                trace.ess[:, k - 1] = ess(log_w)
                 chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block)) & (N > 1)
                 if chosen.any():
-                    index = self._resample(
-                        log_w, log_Z, chosen, rows, ancestors[:, k - 1], pre_best[:, k - 1]
-                    )
-                    resampled[:, k - 1] = chosen
-                    x, base_lp, prev_twist = x[index], base_lp[index], prev_twist[index]
+                    index = self._resample(log_w, chosen, rows, trace, k - 1)
+                    x, prev_twist, base_lp = x[index], prev_twist[index], network.reorder(index)
                     ctx.x_t = x
             x, increment = self._propagate(ctx, base_lp)
             log_w += increment.view(B, N)
         final = self.potential.final_twist(x)
         if final is not None:
             log_w += (final - prev_twist).view(B, N)
-        ess_trace[:, T - 1] = ess(log_w)
-        log_Z += log_mean_exp(log_w)
-        out = SMCOutput(
-            x.view(B, N, -1),
-            log_w - torch.logsumexp(log_w, -1, keepdim=True),
-            log_Z,
-            ess_trace,
-            resampled,
-            ancestors,
-            nfe,
-            torch.zeros(B, dtype=torch.long, device=x.device),
-        )
-        lineage = out.lineage(out.log_weights.argmax(-1))
-        out.overtakes = (resampled & (lineage != pre_best)).sum(-1)
-        return out
+        nfe = network.evaluations / (B * N) + extra_evals
+        return trace.finish(x.view(B, N, -1), log_w, nfe)
 
-    def _resample(self, log_w, log_Z, chosen, rows, ancestors_k, pre_best_k) -> Tensor:
-        """Resample the chosen rows in place; returns the flat row index ``[R]`` to gather."""
+    def _resample(
+        self, log_w: Tensor, chosen: Tensor, rows: RowGenerators, trace: _Trace, k: int
+    ) -> Tensor:
+        """Resample the chosen rows in place after step ``k``; returns the flat row index to gather."""
         N = self.num_particles
         for b in chosen.nonzero().flatten().tolist():
-            ancestors_k[b] = self.resample(log_w[b], N, rows.generator(b)).to(log_w.device)
-            pre_best_k[b] = log_w[b].argmax()
-            log_Z[b] += log_mean_exp(log_w[b])
+            trace.ancestors[b, k] = self.resample(log_w[b], N, rows.generator(b)).to(log_w.device)
+            trace.pre_best[b, k] = log_w[b].argmax()
+            trace.log_Z[b] += log_mean_exp(log_w[b])
             log_w[b] = 0.0
+        trace.resampled[:, k] = chosen
         offsets = torch.arange(log_w.shape[0], device=log_w.device).unsqueeze(1) * N
-        return (ancestors_k + offsets).flatten()
+        return (trace.ancestors[:, k] + offsets).flatten()
 
     def _propagate(self, ctx: StepContext, base_lp: Tensor) -> tuple[Tensor, Tensor]:
         """Commit tokens at the policy's positions; returns ``(x_s, increment [R])``."""
@@ -307,6 +288,53 @@ class SMCSampler:
             start = prompt.shape[1]
             x[:, :start] = prompt.to(device)
         return x.repeat_interleave(self.num_particles, dim=0), start
+
+
+@dataclass
+class _Trace:
+    """Diagnostics being filled in during a run (see ``SMCOutput``)."""
+
+    ess: Tensor
+    resampled: Tensor
+    ancestors: Tensor
+    pre_best: Tensor
+    log_Z: Tensor
+
+    @classmethod
+    def empty(cls, B: int, N: int, T: int, device) -> _Trace:
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(
+            ess=torch.full((B, T), float(N), **f64),
+            resampled=torch.zeros(B, T, dtype=torch.bool, device=device),
+            ancestors=torch.arange(N, device=device).repeat(B, T, 1),
+            pre_best=torch.zeros(B, T, dtype=torch.long, device=device),
+            log_Z=torch.zeros(B, **f64),
+        )
+
+    def new_weights(self) -> Tensor:
+        return torch.zeros(
+            self.ancestors.shape[0],
+            self.ancestors.shape[2],
+            dtype=torch.float64,
+            device=self.log_Z.device,
+        )
+
+    def finish(self, tokens: Tensor, log_w: Tensor, nfe: float) -> SMCOutput:
+        self.ess[:, -1] = ess(log_w)
+        self.log_Z += log_mean_exp(log_w)
+        out = SMCOutput(
+            tokens,
+            log_w - torch.logsumexp(log_w, -1, keepdim=True),
+            self.log_Z,
+            self.ess,
+            self.resampled,
+            self.ancestors,
+            nfe,
+            torch.zeros_like(self.log_Z, dtype=torch.long),
+        )
+        lineage = out.lineage(out.log_weights.argmax(-1))
+        out.overtakes = (self.resampled & (lineage != self.pre_best)).sum(-1)
+        return out
 
 
 def _module_device(denoiser: Any) -> torch.device:

@@ -1,0 +1,56 @@
+"""Logit cache for the shared sampler (MDLM's ``ddpm_cache``, generalised to particles).
+
+When no token of a particle row changed since its logits were computed, ``p_theta(x0 | x_t)``
+is the same (for a denoiser without time conditioning), so the row is not re-evaluated. With
+``enabled=False`` every row is evaluated at every step. ``evaluations`` counts the row-level
+network evaluations actually performed: ``evaluations / R`` is the honest NFE per sequence.
+Rows follow their ancestors through ``reorder`` after a resample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .context import denoiser_log_probs, index_rows
+from .models.base import Denoiser
+
+__all__ = ["CachedDenoiser"]
+
+
+class CachedDenoiser:
+    def __init__(self, denoiser: Denoiser, enabled: bool = False):
+        if enabled and getattr(denoiser, "time_conditioning", False):
+            raise ValueError(
+                "cache=True needs a denoiser without time conditioning (its logits must depend on "
+                "x_t only); set cache=False or use a model with time_conditioning=False"
+            )
+        self.denoiser, self.enabled = denoiser, enabled
+        self.x: Tensor | None = None
+        self.log_probs: Tensor | None = None
+        self.evaluations = 0
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """``log p_theta(x0 | x_t)`` with the mask removed, ``[R, L, V]``."""
+        if not self.enabled or self.x is None:
+            self.log_probs = denoiser_log_probs(self.denoiser(x_t, t, cond), self.denoiser.mask_id)
+            self.evaluations += x_t.shape[0]
+        else:
+            stale = (x_t != self.x).any(-1).nonzero().flatten()
+            if len(stale) == x_t.shape[0]:
+                self.log_probs = denoiser_log_probs(
+                    self.denoiser(x_t, t, cond), self.denoiser.mask_id
+                )
+            elif len(stale):
+                fresh = self.denoiser(x_t[stale], t[stale], index_rows(cond, stale))
+                self.log_probs = self.log_probs.clone()
+                self.log_probs[stale] = denoiser_log_probs(fresh, self.denoiser.mask_id)
+            self.evaluations += len(stale)
+        self.x = x_t
+        return self.log_probs
+
+    def reorder(self, index: Tensor) -> Tensor:
+        """Rows follow their ancestors; returns the reordered log-probabilities."""
+        self.x, self.log_probs = self.x[index], self.log_probs[index]
+        return self.log_probs
