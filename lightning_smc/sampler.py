@@ -133,8 +133,8 @@ class SMCSampler:
     ) -> SMCOutput:
         """Draw ``N`` weighted particles for each of ``B`` prompts (see the module docstring).
 
-        ``prompt [B, P]`` (``P <= seq_len``) fixes the first ``P`` tokens (``mask_id`` entries stay
-        free); ``cond`` has leading dimension ``B``; ``generator`` is one generator, or one per
+        ``prompt [B, P]`` (``P < seq_len``) fixes the first ``P`` tokens; its ``mask_id`` entries are
+        generated (infilling; blocks then start at the first free position of the batch); ``cond`` has leading dimension ``B``; ``generator`` is one generator, or one per
         prompt for results independent of batch composition."""
         B, device = self._batch_and_device(batch_size, prompt, generator, device)
         rows = self._row_generators(generator, B, device)
@@ -285,8 +285,10 @@ class SMCSampler:
                 )
             if prompt.min() < 0 or prompt.max() >= V:
                 raise ValueError(f"prompt token ids must be in [0, vocab_size={V})")
-            start = prompt.shape[1]
-            x[:, :start] = prompt.to(device)
+            x[:, : prompt.shape[1]] = prompt.to(device)
+            # Generation starts at the first free position of any prompt: masked prompt entries
+            # are generated (infilling); blocks tile [start, seq_len).
+            start = int((x == mask_id).any(0).nonzero()[0])
         return x.repeat_interleave(self.num_particles, dim=0), start
 
 

@@ -1,4 +1,4 @@
-"""MDLM's DiT denoiser (Sahoo et al. 2024) with SUBS output, in the ``kuleshov-group/mdlm-owt`` format.
+"""``MDLMDenoiser``: MDLM's DiT (Sahoo et al. 2024) with SUBS output, in the mdlm-owt format.
 
 Notation (DESIGN.md §3): ``x_t [B, L]`` token ids (``mask_id`` where masked), ``t [B]`` in
 ``[0, 1]``, ``sigma = -log alpha(t)`` the total noise of ``LogLinearSchedule`` (MDLM's
@@ -16,17 +16,14 @@ SUBS parameterization turns logits into ``log p_theta(x0 | x_t) [B, L, vocab_siz
 logit is ``-inf`` and masked rows are ``log_softmax``-normalized; at clean positions
 (``x_t != mask_id``) the row is the carry-over one-hot: ``0`` at ``x_t``, ``-inf`` elsewhere.
 
-Checkpoints: ``save_pretrained(dir)`` writes ``config.json`` (mdlm-owt's fields ``vocab_size,
-model_length, hidden_dim, cond_dim, n_blocks, n_heads, dropout, time_conditioning``; ``mask_id``
-only when it is not ``vocab_size - 1``) and ``model.safetensors`` with mdlm-owt's keys
-(``backbone.vocab_embed.embedding``, ``backbone.blocks.{i}.attn_qkv.weight``,
-``backbone.rotary_emb.inv_freq``, ...). ``MDLMDenoiser.from_pretrained`` loads such a folder
-strictly; remote code is never executed.
-
-Example::
+Checkpoints are ``kuleshov-group/mdlm-owt``'s: ``config.json`` with its fields (``MDLMConfig``)
+and ``model.safetensors`` with its keys (``backbone.vocab_embed.embedding``,
+``backbone.blocks.{i}.attn_qkv.weight``, ``backbone.rotary_emb.inv_freq``, ...).
+``MDLMDenoiser.from_pretrained(dir)`` loads one strictly, never running remote code; bf16 is the
+caller's ``torch.autocast`` (norms, rotary and the SUBS softmax stay float32)::
 
     model = MDLMDenoiser.from_pretrained("checkpoints/mdlm-small")
-    log_p = model(x_t, t)   # [B, L, vocab_size], SUBS log-probabilities
+    log_p = model(x_t, t)  # [B, L, vocab_size]
 """
 
 from __future__ import annotations
@@ -45,9 +42,6 @@ from torch import Tensor, nn
 from ..diffusion.schedules import LogLinearSchedule
 
 __all__ = ["MDLMConfig", "MDLMDenoiser"]
-
-# Keys an HF ``PretrainedConfig`` writes beside the model's own fields; they carry no weights.
-_HF_BOOKKEEPING = {"architectures": ["MDLM"], "model_type": "mdlm", "return_dict": False}
 
 
 @dataclass
@@ -78,9 +72,7 @@ class MDLMConfig:
         if self.mask_id is None:
             self.mask_id = self.vocab_size - 1
         if not 0 <= self.mask_id < self.vocab_size:
-            raise ValueError(
-                f"mask_id={self.mask_id} must lie in [0, vocab_size={self.vocab_size})"
-            )
+            raise ValueError(f"mask_id={self.mask_id} is not in [0, {self.vocab_size})")
         if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
             raise ValueError(
                 f"hidden_dim={self.hidden_dim} must split into n_heads={self.n_heads} heads "
@@ -103,7 +95,8 @@ class MDLMConfig:
         fields = dataclasses.asdict(self)
         if fields["mask_id"] == self.vocab_size - 1:
             del fields["mask_id"]
-        return {**_HF_BOOKKEEPING, **fields}
+        # HF bookkeeping as in mdlm-owt (no auto_map: we ship no remote code).
+        return {"architectures": ["MDLM"], "model_type": "mdlm", "return_dict": False, **fields}
 
 
 class _LayerNorm(nn.Module):
@@ -187,15 +180,11 @@ class _Block(nn.Module):
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], c: Tensor) -> Tensor:
         B, L, D = h.shape
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(
-            6, dim=-1
-        )
-        qkv = self.attn_qkv(_modulate(self.norm1(h), shift_a, scale_a)).view(
-            B, L, 3, self.n_heads, -1
-        )
-        q, k, v = (_rotate(qkv[:, :, 0], *rope), _rotate(qkv[:, :, 1], *rope), qkv[:, :, 2])
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, -1)
+        qkv = self.attn_qkv(_modulate(self.norm1(h), shift_a, scale_a))
+        q, k, v = qkv.view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)  # [B, L, heads, d]
+        q, k, v = (u.transpose(1, 2) for u in (_rotate(q, *rope), _rotate(k, *rope), v))
+        a = self.attn_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
         h = h + gate_a[:, None] * F.dropout(a, self.dropout, self.training)
         m = self.mlp(_modulate(self.norm2(h), shift_m, scale_m))
         return h + gate_m[:, None] * F.dropout(m, self.dropout, self.training)
@@ -247,37 +236,25 @@ class MDLMDenoiser(nn.Module):
         if config is not None and fields:
             raise TypeError("pass either an MDLMConfig or config fields, not both")
         self.config = config if config is not None else MDLMConfig(**fields)
+        self.vocab_size, self.mask_id = self.config.vocab_size, self.config.mask_id
         self.schedule = LogLinearSchedule()
         self.backbone = _Backbone(self.config)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def mask_id(self) -> int:
-        return self.config.mask_id
 
     def _check(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         if cond is not None:
             raise ValueError("MDLMDenoiser is unconditional; pass cond=None")
         if x_t.dim() != 2 or x_t.dtype.is_floating_point or x_t.dtype == torch.bool:
-            raise ValueError(
-                f"x_t must be integer token ids [B, L], got {x_t.dtype} {tuple(x_t.shape)}"
-            )
-        if x_t.shape[1] > self.config.model_length:
-            raise ValueError(
-                f"sequence length {x_t.shape[1]} exceeds model_length={self.config.model_length}"
-            )
-        lo, hi = torch.aminmax(x_t) if x_t.numel() else (0, 0)
+            raise ValueError(f"x_t must be integer token ids [B, L], got {x_t.dtype} {x_t.shape}")
+        batch, length = x_t.shape
+        if length > self.config.model_length:
+            raise ValueError(f"length {length} exceeds model_length={self.config.model_length}")
+        lo, hi = (int(v) for v in torch.aminmax(x_t)) if x_t.numel() else (0, 0)
         if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}); got min {int(lo)}, max {int(hi)}"
-            )
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{lo}, {hi}]")
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
-        if t.dim() > 1 or t.numel() not in (1, x_t.shape[0]):
-            raise ValueError(f"t must be a scalar or shape [{x_t.shape[0]}], got {tuple(t.shape)}")
-        return t.reshape(-1).expand(x_t.shape[0])
+        if t.dim() > 1 or t.numel() not in (1, batch):
+            raise ValueError(f"t must be a scalar or of shape [{batch}], got {tuple(t.shape)}")
+        return t.reshape(-1).expand(batch)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         t = self._check(x_t, t, cond)
@@ -344,24 +321,16 @@ def _resolve_checkpoint(path: str | Path) -> Path:
             raise FileNotFoundError(f"{directory} has no config.json (expected mdlm-owt format)")
         return directory
     if directory.exists() or str(path).count("/") != 1:
-        raise FileNotFoundError(
-            f"{path} is not a checkpoint folder with config.json + model.safetensors"
-        )
-    try:
+        raise FileNotFoundError(f"{path} is not a folder with config.json + model.safetensors")
+    try:  # a hub id: fetch the data files only; repo code is never downloaded, let alone run
         from huggingface_hub import snapshot_download
-    except ImportError as err:
-        raise FileNotFoundError(
-            f"{path} is not a local folder and huggingface_hub is not installed"
-        ) from err
-    # Only data files: modeling code in the repo is never downloaded, let alone run.
-    patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
-    try:
-        snapshot = snapshot_download(str(path), allow_patterns=patterns)
-    except Exception as err:  # offline, unknown repo, gated, ...: all mean "not loadable here"
+
+        files = ["config.json", "model.safetensors", "pytorch_model.bin"]
+        return _resolve_checkpoint(snapshot_download(str(path), allow_patterns=files))
+    except (ImportError, OSError, ValueError) as err:  # no package, offline, unknown repo, ...
         raise FileNotFoundError(
             f"{path} is neither a local folder nor a reachable hub repo"
         ) from err
-    return _resolve_checkpoint(snapshot)
 
 
 def _read_weights(directory: Path) -> dict[str, Tensor]:
