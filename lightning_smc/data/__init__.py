@@ -1,0 +1,56 @@
+"""Text data for masked diffusion: corpora, tokenizers, and the packed ``TextDataModule``.
+
+``corpora``  raw documents: ``"shakespeare"``, ``"fortunes"``, ``"hf:NAME[:CONFIG]"``, paths
+``tokenizer`` byte-level BPE training (mask = last id) and loading of local HF tokenizers
+``packing``  document-level train/val split and EOS-joined packing into ``seq_len`` rows
+``text``     ``TextDataModule`` wiring the three for Lightning
+
+Example::
+
+    from lightning_smc.data import TextDataModule
+    dm = TextDataModule("shakespeare", vocab_size=4096, seq_len=256, batch_size=32)
+    dm.setup()
+    dm.vocab_size, dm.mask_id          # 4096, 4095
+"""
+
+from .corpora import CORPORA, HFDocuments, clean_text, load_corpus, strip_gutenberg
+from .packing import PackedSequences, pack, split_indices
+from .text import TextDataModule
+from .tokenizer import (
+    EOS_ID,
+    EOS_TOKEN,
+    MASK_TOKEN,
+    PAD_ID,
+    PAD_TOKEN,
+    TokenizerSpec,
+    encode_documents,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_spec,
+    train_bpe,
+    wrap_bpe,
+)
+
+__all__ = [
+    "CORPORA",
+    "EOS_ID",
+    "EOS_TOKEN",
+    "HFDocuments",
+    "MASK_TOKEN",
+    "PAD_ID",
+    "PAD_TOKEN",
+    "PackedSequences",
+    "TextDataModule",
+    "TokenizerSpec",
+    "clean_text",
+    "encode_documents",
+    "load_corpus",
+    "load_tokenizer",
+    "pack",
+    "save_tokenizer",
+    "split_indices",
+    "strip_gutenberg",
+    "tokenizer_spec",
+    "train_bpe",
+    "wrap_bpe",
+]

@@ -1,0 +1,70 @@
+"""``python -m lightning_smc.fit --config FILE``: train anything in the framework (LightningCLI).
+
+Configs use ``class_path`` / ``init_args`` for the model (a LightningModule from
+``lightning_smc.modules``) and the data (a LightningDataModule from ``lightning_smc.data``);
+``--print_config`` prints the resolved config and any field can be overridden on the command
+line (``--trainer.max_steps 10``). Defaults: W&B logging offline into ``./wandb/`` (set
+``WANDB_MODE=online`` or ``--trainer.logger.init_args.offline false`` to upload), Lightning's
+rich progress bar, ``ModelCheckpoint``. After ``fit``, a model that has a ``denoiser`` with
+``save_pretrained`` is exported in Hugging Face format to ``<trainer.default_root_dir>/hf`` (with the data
+module's tokenizer when it has one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+
+__all__ = ["SMCLightningCLI", "main"]
+
+SUBCOMMANDS = {"fit", "validate", "test", "predict"}
+
+TRAINER_DEFAULTS = {
+    "logger": lazy_instance(WandbLogger, save_dir=".", project="lightning_smc", offline=True),
+}
+
+
+class SMCLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always-on callbacks, configurable as --checkpoint.* and --progress_bar.*
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+
+    def after_fit(self) -> None:
+        denoiser = getattr(self.model, "denoiser", None)
+        if denoiser is None or not hasattr(denoiser, "save_pretrained") or not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "hf"
+        denoiser.save_pretrained(out)
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(out)
+        print(f"exported the trained denoiser to {out}")
+
+
+def main(argv: list[str] | None = None) -> SMCLightningCLI:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        argv = ["fit", *argv]
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return SMCLightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
