@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-import wandb
 
+import wandb
 from lightning_smc.fit import main
 
 ROOT = Path(__file__).resolve().parents[1]
