@@ -78,22 +78,28 @@ ABLATIONS = [
 ]
 
 
+def run_ablation(name: str, select: str | None = None) -> subprocess.CompletedProcess:
+    """Run tests/test_exact_targets.py (optionally ``-k select``) with ablation ``name`` applied."""
+    env = dict(os.environ, LSMC_ABLATION=name, PYTHONPATH=str(ROOT / "experiments"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "weight_ablations",
+        "-p",
+        "no:cacheprovider",
+        str(ROOT / "tests" / "test_exact_targets.py"),
+        *(["-k", select] if select else []),
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 def main() -> None:
     print(f"{'ablation':<26} {'passed':>6} {'failed':>6}  failing tests")
     for name in ABLATIONS:
-        env = dict(os.environ, LSMC_ABLATION=name, PYTHONPATH=str(ROOT / "experiments"))
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "weight_ablations",
-            "-p",
-            "no:cacheprovider",
-            str(ROOT / "tests" / "test_exact_targets.py"),
-        ]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        res = run_ablation(name)
         failed = sorted(set(re.findall(r"FAILED tests/test_exact_targets.py::(\S+)", res.stdout)))
         n_pass = int(m.group(1)) if (m := re.search(r"(\d+) passed", res.stdout)) else 0
         n_fail = int(m.group(1)) if (m := re.search(r"(\d+) failed", res.stdout)) else 0

@@ -1,13 +1,13 @@
 """The exact-target tests have power: removing any single weight term makes some of them fail."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from weight_ablations import run_ablation  # noqa: E402
+
 EXPECTED = {  # ablation -> tests that must fail without that term
     "no-self-reward-weight": "test_self_reward_targets_p0_squared",
     "no-proposal-correction": "test_reward_tilt_with_a_different_denoiser_proposal",
@@ -19,22 +19,13 @@ EXPECTED = {  # ablation -> tests that must fail without that term
 
 @pytest.mark.parametrize("ablation", list(EXPECTED))
 def test_removing_a_weight_term_fails_the_exact_tests(ablation):
-    env = dict(os.environ, LSMC_ABLATION=ablation, PYTHONPATH=str(ROOT / "experiments"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "weight_ablations",
-        "-p",
-        "no:cacheprovider",
-        str(ROOT / "tests" / "test_exact_targets.py"),
-        "-k",
-        EXPECTED[ablation],
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = run_ablation(ablation, EXPECTED[ablation])
     assert res.returncode == 1, res.stdout[-2000:]
     assert (
         "failed" in res.stdout and "error" not in res.stdout.lower().split("short test summary")[-1]
     )
+
+
+def test_without_ablation_the_same_tests_pass():
+    res = run_ablation("none", "test_self_reward_targets_p0_squared")
+    assert res.returncode == 0, res.stdout[-2000:]
