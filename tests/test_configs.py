@@ -30,13 +30,13 @@ def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = SMOKE[2:]  # everything but fast_dev_run, which disables loggers
-    main(["fit", "--config", str(ROOT / "configs/pretrain/mdlm_tiny.yaml"), *args,
+    cli = main(["fit", "--config", str(ROOT / "configs/pretrain/mdlm_tiny.yaml"), *args,
           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
           "--model.init_args.denoiser.init_args.vocab_size", "300"])
-    wandb.finish()  # flush the offline run to disk
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    history = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    run_dir = Path(cli.trainer.logger.experiment.dir).resolve().parent
+    cli.trainer.logger.experiment.finish()  # flush this offline run to disk
+    assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
+    history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
     assert b"train/loss" in history and b"val/nll" in history
     assert (tmp_path / "outputs/mdlm_tiny/hf/model.safetensors").exists()
 
