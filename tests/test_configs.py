@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 
-import wandb
 from lightning_smc.fit import main
 
 ROOT = Path(__file__).resolve().parents[1]
