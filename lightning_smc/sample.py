@@ -1,6 +1,11 @@
-"""``python -m lightning_smc.sample``: a console demo of the shared sampler.
+"""``python -m lightning_smc.sample``: draw samples from a checkpoint with the shared sampler.
 
-Until the embedded text model lands, the demo runs on an *exact* denoiser over a toy language
+``python -m lightning_smc.sample`` loads a denoiser saved with ``save_pretrained`` (by default
+the embedded Shakespeare MDLM in ``lightning_smc/assets/mdlm_tiny``) and its tokenizer, runs the
+plain sampler (``--method plain``) or SR-SMC (``--method srsmc --particles N``) and prints the
+decoded particles with their weights, the ESS trace and NFE.
+
+``--toy`` runs the sampler on an *exact* denoiser over a toy language
 (alphabet ``abc``, length 6, a fixed random joint ``p0``), so every number it prints can be
 checked against the truth: the plain sampler draws from ``p0``; SR-SMC (``--method srsmc``)
 targets ``p0^2``; reward tilting (``--method tilt``) targets ``p0 exp(r / alpha)`` with
@@ -11,13 +16,13 @@ the resampling events and ``log Ẑ`` next to the exact ``log Z``.
 from __future__ import annotations
 
 import argparse
-import math
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler
+from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler, derive_seed
 
 ALPHABET = "abc"
 LENGTH = 6
@@ -68,54 +73,141 @@ def decode(x: torch.Tensor) -> str:
     return "".join(ALPHABET[int(i)] for i in x)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--method", default="srsmc", choices=["plain", "srsmc", "tilt"])
-    parser.add_argument("--particles", type=int, default=8)
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=LENGTH,
-        help=f"reverse steps (<= {LENGTH} commits one token each)",
-    )
-    parser.add_argument(
-        "--alpha", type=float, default=0.5, help="reward temperature for --method tilt"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+EMBEDDED = Path(__file__).resolve().parent / "assets" / "mdlm_tiny"
 
-    console = Console()
+
+def run_toy(args: argparse.Namespace, console: Console) -> None:
     denoiser = toy_denoiser()
-    sampler, log_target = build(args.method, denoiser, args.particles, args.steps, args.alpha)
+    method = "srsmc" if args.method == "srsmc" else args.method
+    sampler, log_target = build(
+        method, denoiser, args.particles, min(args.steps, LENGTH), args.alpha
+    )
     out = sampler.sample(LENGTH, batch_size=1, generator=torch.Generator().manual_seed(args.seed))
-
     target = torch.softmax(log_target, 0)
     table = Table(
-        title=f"{args.method}: {args.particles} particles, {args.steps} steps (exact denoiser, alphabet '{ALPHABET}')"
+        title=f"{method}: {args.particles} particles (exact denoiser, alphabet '{ALPHABET}')"
     )
     for col in ("particle", "text", "weight", "target prob"):
-        table.add_column(col, justify="right" if col != "text" else "left")
+        table.add_column(col, justify="left" if col == "text" else "right")
     index = lambda x: int((x * (len(ALPHABET) ** torch.arange(LENGTH - 1, -1, -1))).sum())  # noqa: E731
     for i in out.log_weights[0].argsort(descending=True).tolist():
         x = out.tokens[0, i]
         table.add_row(str(i), decode(x), f"{out.weights[0, i]:.3f}", f"{target[index(x)]:.4f}")
     console.print(table)
+    print_trace(console, out)
+    exact = torch.logsumexp(log_target, 0).item()
+    console.print(f"log Ẑ = {out.log_normalizer[0].item():.4f}   exact log Z = {exact:.4f}")
+    best = out.best()[0]
+    console.print(
+        f"answer (highest weight): [bold]{decode(best)}[/bold] (target prob {target[index(best)]:.4f}); "
+        f"the target's mode is {decode(denoiser.states[target.argmax()])} ({target.max():.4f})"
+    )
+
+
+def print_trace(console: Console, out) -> None:
     ess = " ".join(
         f"{e:.1f}" + ("*" if r else "")
         for e, r in zip(out.ess[0].tolist(), out.resampled[0].tolist(), strict=True)
     )
     console.print(f"ESS after each step (* = resampled): {ess}")
-    exact = torch.logsumexp(log_target, 0).item()
-    console.print(
-        f"log Ẑ = {out.log_normalizer[0].item():.4f}   exact log Z = {exact:.4f}   NFE = {out.nfe}"
+    console.print(f"NFE per sequence: {out.nfe:g}   resamples: {int(out.resampled.sum())}")
+
+
+def load_checkpoint(path: Path):
+    """``(denoiser, tokenizer spec)`` from a ``save_pretrained`` directory with its tokenizer."""
+    from .data.tokenizer import load_tokenizer
+    from .models.mdlm import MDLMDenoiser
+
+    if not (path / "config.json").is_file():
+        hint = (
+            " (the embedded model ships with the package; reinstall it)" if path == EMBEDDED else ""
+        )
+        raise FileNotFoundError(f"--checkpoint {path}: no config.json there{hint}")
+    denoiser = MDLMDenoiser.from_pretrained(path).eval()
+    spec = load_tokenizer(path)
+    if spec.vocab_size != denoiser.vocab_size or spec.mask_id != denoiser.mask_id:
+        raise ValueError(
+            f"--checkpoint {path}: tokenizer vocabulary ({spec.vocab_size}, mask {spec.mask_id}) does not "
+            f"match the model ({denoiser.vocab_size}, mask {denoiser.mask_id})"
+        )
+    return denoiser, spec
+
+
+def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
+    denoiser, spec = load_checkpoint(Path(args.checkpoint))
+    potential = SelfReward() if args.method == "srsmc" else None
+    if args.method == "tilt":
+        raise ValueError("--method tilt needs a reward; it is available with --toy only for now")
+    sampler = SMCSampler(
+        denoiser,
+        num_particles=args.particles,
+        num_steps=args.steps,
+        unmasking=args.unmasking,
+        potential=potential,
+        cache=args.cache,
+        progress_bar=True,
     )
-    console.print(
-        f"answer (highest weight): [bold]{decode(out.best()[0])}[/bold]   "
-        f"its target prob {target[index(out.best()[0])]:.4f}, most likely under the target: "
-        f"{decode(denoiser.states[target.argmax()])} ({target.max():.4f}); uniform would be {1 / math.prod([len(ALPHABET)] * LENGTH):.4f}"
+    prompt = None
+    if args.prompt:
+        ids = spec.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+        prompt = torch.tensor([ids] * args.num_samples)
+    generators = [
+        torch.Generator().manual_seed(derive_seed(args.seed, i)) for i in range(args.num_samples)
+    ]
+    out = sampler.sample(
+        args.seq_len, batch_size=args.num_samples, prompt=prompt, generator=generators
     )
+    for b in range(args.num_samples):
+        table = Table(
+            title=f"sample {b}: {args.method}, {args.particles} particle(s), {args.steps} steps",
+            show_lines=True,
+        )
+        table.add_column("weight", justify="right")
+        table.add_column("text")
+        for i in out.log_weights[b].argsort(descending=True).tolist():
+            text = spec.tokenizer.decode(out.tokens[b, i].tolist(), skip_special_tokens=True)
+            table.add_row(f"{out.weights[b, i]:.3f}", text)
+        console.print(table)
+    print_trace(console, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=str(EMBEDDED),
+        help="save_pretrained directory (default: embedded model)",
+    )
+    parser.add_argument(
+        "--toy", action="store_true", help="exact toy denoiser instead of a checkpoint"
+    )
+    parser.add_argument("--method", default="srsmc", choices=["plain", "srsmc", "tilt"])
+    parser.add_argument("--particles", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--num-samples", type=int, default=2, help="independent prompts / samples")
+    parser.add_argument(
+        "--unmasking",
+        default="ancestral",
+        choices=["ancestral", "random", "low_confidence", "threshold"],
+    )
+    parser.add_argument("--prompt", default=None, help="text prefix to continue")
+    parser.add_argument("--cache", action="store_true", help="reuse logits of unchanged particles")
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="reward temperature (--toy --method tilt)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("particles", "steps", "seq_len", "num_samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    console = Console()
+    if args.toy:
+        run_toy(args, console)
+    else:
+        run_checkpoint(args, console)
 
 
 if __name__ == "__main__":
