@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 __all__ = ["SMCLightningCLI", "main"]
@@ -29,6 +29,20 @@ SUBCOMMANDS = {"fit", "validate", "test", "predict"}
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(WandbLogger, save_dir=".", project="lightning_smc", offline=True),
 }
+
+
+class SaveConfigToRootDir(SaveConfigCallback):
+    """Save the resolved config as ``<trainer.default_root_dir>/config.yaml`` (beside the
+    checkpoints and the HF export), not into the working directory that W&B writes to."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / self.config_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+        self.already_saved = True
 
 
 class SMCLightningCLI(LightningCLI):
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> SMCLightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveConfigToRootDir,
         args=argv,
     )
 

@@ -38,6 +38,7 @@ def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):
     history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
     assert b"train/loss" in history and b"val/nll" in history
     assert (tmp_path / "outputs/mdlm_tiny/hf/model.safetensors").exists()
+    assert (tmp_path / "outputs/mdlm_tiny/config.yaml").exists() and not (tmp_path / "config.yaml").exists()
 
 
 def test_unknown_config_key_is_named(tmp_path, monkeypatch, capsys):
