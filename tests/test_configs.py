@@ -8,7 +8,11 @@ from lightning_smc.fit import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# Real configs shrunk to CPU size (the at-scale ones point at hub data and GPUs).
 SMOKE = ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+         "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.num_nodes", "1",
+         "--data.init_args.corpus", "shakespeare", "--data.init_args.tokenizer", "null",
+         "--data.init_args.num_workers", "0",
          "--data.init_args.max_documents", "4", "--data.init_args.vocab_size", "300",
          "--data.init_args.batch_size", "2", "--data.init_args.seq_len", "32"]
 
@@ -21,7 +25,9 @@ def test_configs_exist():
 def test_config_smoke_runs(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cli = main(["fit", "--config", str(config), *SMOKE, "--model.init_args.denoiser.init_args.vocab_size", "300"])
+    shrink = ["--model.init_args.denoiser.init_args.vocab_size", "300",
+              "--model.init_args.denoiser.init_args.model_length", "32"]
+    cli = main(["fit", "--config", str(config), *SMOKE, *shrink])
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
 
 
