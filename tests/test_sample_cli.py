@@ -15,7 +15,14 @@ def checkpoint(tmp_path_factory):
     spec = train_bpe(load_corpus("shakespeare", max_documents=2), vocab_size=300)
     save_tokenizer(spec.tokenizer, path)
     torch.manual_seed(0)
-    model = MDLMDenoiser(vocab_size=spec.vocab_size, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=1, n_heads=2)
+    model = MDLMDenoiser(
+        vocab_size=spec.vocab_size,
+        model_length=32,
+        hidden_dim=32,
+        cond_dim=16,
+        n_blocks=1,
+        n_heads=2,
+    )
     model.save_pretrained(path)
     return path
 
@@ -28,8 +35,22 @@ def test_toy_demo_prints_particles_and_exact_log_z(method, capsys):
 
 
 def test_checkpoint_samples_print_decoded_text_and_weights(checkpoint, capsys):
-    main(["--checkpoint", str(checkpoint), "--particles", "3", "--steps", "4", "--seq-len", "12",
-          "--num-samples", "2", "--prompt", "To be"])
+    main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--particles",
+            "3",
+            "--steps",
+            "4",
+            "--seq-len",
+            "12",
+            "--num-samples",
+            "2",
+            "--prompt",
+            "To be",
+        ]
+    )
     out = capsys.readouterr().out
     assert out.count("sample ") >= 2 and "To be" in out and "NFE per sequence" in out
 
