@@ -5,6 +5,9 @@ seeded) -> tokenizer (``tokenizer=None``: a byte-level BPE trained on the *train
 saved once into ``tokenizer_dir``; else a local HF tokenizer) -> ``encode_documents`` ->
 ``pack`` (documents joined by EOS, cut into ``seq_len`` rows). Batches are dicts
 ``{"input_ids": LongTensor[batch_size, seq_len]}``; ``mask_id`` never occurs in them.
+Training batches are drawn in a permutation seeded by ``(seed, epoch)`` and the train loader is
+stateful, so a run resumed from a mid-epoch checkpoint sees exactly the batches that the
+uninterrupted run would have seen (``lightning_smc.data.packing.ResumableDataLoader``).
 
 ``vocab_size``, ``mask_id``, ``pad_id``, ``eos_id`` and ``tokenizer`` are available after
 ``setup()``, and also before it (the tokenizer alone is loaded, or trained, on first use), so a
@@ -32,7 +35,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from .corpora import load_corpus
-from .packing import PackedSequences, pack, split_indices, token_dtype
+from .packing import (
+    EpochShuffleSampler,
+    PackedSequences,
+    ResumableDataLoader,
+    pack,
+    split_indices,
+    token_dtype,
+)
 from .tokenizer import (
     MIN_VOCAB_SIZE,
     TokenizerSpec,
@@ -60,7 +70,7 @@ class TextDataModule(L.LightningDataModule):
         seq_len: tokens per packed row (>= 2).
         batch_size: rows per batch (>= 1).
         val_fraction: fraction of *documents* held out for validation, in (0, 1).
-        seed: seed of the document split.
+        seed: seed of the document split and of the per-epoch shuffle of training rows.
         num_workers: DataLoader worker processes.
         max_documents: keep only the first documents of the corpus (tests, smoke runs).
         tokenizer_dir: where the trained BPE is saved and reused; ``None`` picks
@@ -197,22 +207,32 @@ class TextDataModule(L.LightningDataModule):
         return PackedSequences(rows)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def _loader(self, dataset: PackedSequences | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
+        """Full batches in a ``(seed, epoch)``-seeded order, resumable mid-epoch."""
+        dataset = self._require(self.train_set)
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,  # full training batches; validation keeps every row
+            sampler=EpochShuffleSampler(dataset, seed=self.seed),
+            drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def val_dataloader(self) -> DataLoader:
+        """Every validation row, in order."""
+        return DataLoader(
+            self._require(self.val_set),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @staticmethod
+    def _require(dataset: PackedSequences | None) -> PackedSequences:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return dataset
 
     def check_compatible(
         self,

@@ -8,12 +8,21 @@ mask every token independently with probability ``1 - alpha(t_b)`` to get ``x_t`
 (``w = 1/t`` for the log-linear schedule). The per-token loss is an upper bound on the NLL;
 validation reports ``val/nll`` and ``val/ppl_bound = exp(val/nll)`` as torchmetrics metrics.
 EMA weights come from Lightning's ``EMAWeightAveraging`` callback, which swaps them in for
-validation and into the final model. Randomness per step is seeded from
-``derive_seed(seed, global_step, rank)``, so a resumed run draws the same ``t`` and masks.
-The denoiser is injected (any ``nn.Module`` implementing ``ls.Denoiser``).
+validation and into the final model (so ``fit``'s Hugging Face export holds the EMA weights).
+Randomness per step is seeded from ``derive_seed(seed, global_step, rank)``: ``t`` and the masks
+from an explicit generator, dropout from the global RNG forked and seeded for the step's forward
+pass. With ``TextDataModule``'s resumable train loader, a run resumed from a mid-epoch
+checkpoint therefore reproduces the uninterrupted run's weights exactly.
+The denoiser is injected (any ``nn.Module`` implementing ``ls.Denoiser``); at ``setup`` a data
+module with ``check_compatible`` (``TextDataModule``) is checked against the denoiser's
+``vocab_size``, ``mask_id`` and ``config.model_length``.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning.pytorch as pl
 import torch
@@ -26,7 +35,9 @@ from ..smc import derive_seed
 __all__ = ["MDLMPretraining", "masked_diffusion_loss"]
 
 
-def masked_diffusion_loss(denoiser: nn.Module, x0: Tensor, schedule, generator: torch.Generator, eps: float = 1e-3) -> Tensor:
+def masked_diffusion_loss(
+    denoiser: nn.Module, x0: Tensor, schedule, generator: torch.Generator, eps: float = 1e-3
+) -> Tensor:
     """Per-sequence ELBO terms ``[B]`` (mean over positions) for clean ``x0``."""
     B, L = x0.shape
     u = torch.rand((), generator=generator, device=generator.device).to(x0.device)
@@ -39,6 +50,22 @@ def masked_diffusion_loss(denoiser: nn.Module, x0: Tensor, schedule, generator: 
     nll = -log_p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     nll = torch.where(masked, nll, torch.zeros_like(nll))
     return schedule.loss_weight(t) * nll.sum(-1) / L
+
+
+@contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with the global CPU (and this CUDA device's) RNG seeded, restoring it afterwards.
+
+    Dropout draws from the global RNG, which checkpoints do not hold; seeding it per step makes
+    those draws a function of the step, so a resumed run repeats them.
+    """
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 class MDLMPretraining(pl.LightningModule):
@@ -64,12 +91,27 @@ class MDLMPretraining(pl.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        _check_hparams(lr, weight_decay, betas, warmup_steps, eps)
+        for name in ("vocab_size", "mask_id"):
+            if not hasattr(denoiser, name):
+                raise TypeError(f"denoiser {type(denoiser).__name__} has no `{name}` (ls.Denoiser)")
         self.save_hyperparameters(ignore=["denoiser"])
         self.denoiser = denoiser
         self.schedule = get_schedule(schedule)
         self.val_nll = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        """Check the data module (when it has ``check_compatible``) against the denoiser."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        check = getattr(datamodule, "check_compatible", None)
+        if callable(check):
+            config = getattr(self.denoiser, "config", None)
+            check(
+                model_vocab_size=self.denoiser.vocab_size,
+                model_max_len=getattr(config, "model_length", None),
+                model_mask_id=self.denoiser.mask_id,
+            )
 
     def _generator(self, stage: int) -> torch.Generator:
         seed = derive_seed(self.hparams.seed, stage, self.global_step, self.global_rank)
@@ -80,7 +122,16 @@ class MDLMPretraining(pl.LightningModule):
         return batch["input_ids"] if isinstance(batch, dict) else batch
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = masked_diffusion_loss(self.denoiser, self._tokens(batch), self.schedule, self._generator(0), self.hparams.eps).mean()
+        dropout_seed = derive_seed(self.hparams.seed, 2, self.global_step, self.global_rank)
+        with _seeded_global_rng(dropout_seed, self.device):
+            nll = masked_diffusion_loss(
+                self.denoiser,
+                self._tokens(batch),
+                self.schedule,
+                self._generator(0),
+                self.hparams.eps,
+            )
+        loss = nll.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
@@ -100,7 +151,26 @@ class MDLMPretraining(pl.LightningModule):
 
     def configure_optimizers(self):
         decay = [p for n, p in self.denoiser.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(decay, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(
+            decay,
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+        )
         warmup = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_hparams(lr, weight_decay, betas, warmup_steps, eps) -> None:
+    b1, b2 = betas
+    checks = [
+        (math.isfinite(lr) and lr > 0, f"lr={lr} must be a finite number > 0"),
+        (weight_decay >= 0, f"weight_decay={weight_decay} must be >= 0"),
+        (0 <= b1 < 1 and 0 <= b2 < 1, f"betas={tuple(betas)} must both lie in [0, 1)"),
+        (warmup_steps >= 0, f"warmup_steps={warmup_steps} must be >= 0"),
+        (0 < eps < 1, f"eps={eps} must lie in (0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
