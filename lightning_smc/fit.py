@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from .data.tokenizer import save_tokenizer
+
 __all__ = ["SMCLightningCLI", "main"]
 
 SUBCOMMANDS = {"fit", "validate", "test", "predict"}
@@ -29,6 +31,10 @@ SUBCOMMANDS = {"fit", "validate", "test", "predict"}
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(WandbLogger, save_dir=".", project="lightning_smc", offline=True),
 }
+
+
+def _checkpoint_dir(root: str | None) -> str | None:
+    return None if root is None else str(Path(root) / "checkpoints")
 
 
 class SaveConfigToRootDir(SaveConfigCallback):
@@ -50,6 +56,8 @@ class SMCLightningCLI(LightningCLI):
         # Always-on callbacks, configurable as --checkpoint.* and --progress_bar.*
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        # Checkpoints beside the run (Lightning would otherwise nest them under the logger's dir).
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
     def after_fit(self) -> None:
@@ -59,8 +67,8 @@ class SMCLightningCLI(LightningCLI):
         out = Path(self.trainer.default_root_dir) / "hf"
         denoiser.save_pretrained(out)
         tokenizer = getattr(self.datamodule, "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(out)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, out)
         print(f"exported the trained denoiser to {out}")
 
 

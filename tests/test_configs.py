@@ -3,8 +3,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 
+from lightning_smc.export import export
 from lightning_smc.fit import main
+from lightning_smc.models import MDLMDenoiser
+from lightning_smc.sample import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -44,7 +48,13 @@ def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):
     history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
     assert b"train/loss" in history and b"val/nll" in history
     assert (tmp_path / "outputs/mdlm_tiny/hf/model.safetensors").exists()
-    assert (tmp_path / "outputs/mdlm_tiny/config.yaml").exists() and not (tmp_path / "config.yaml").exists()
+    run = tmp_path / "outputs/mdlm_tiny"
+    assert (run / "config.yaml").exists() and not (tmp_path / "config.yaml").exists()
+    # Exporting last.ckpt gives the same model and tokenizer as fit's own export.
+    export(run / "config.yaml", run / "checkpoints/last.ckpt", tmp_path / "exported")
+    a, b = MDLMDenoiser.from_pretrained(run / "hf"), MDLMDenoiser.from_pretrained(tmp_path / "exported")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert load_checkpoint(tmp_path / "exported")[1].vocab_size == a.vocab_size
 
 
 def test_unknown_config_key_is_named(tmp_path, monkeypatch, capsys):
