@@ -113,8 +113,14 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path) ->
 
 def load_tokenizer(name_or_path: str | Path) -> TokenizerSpec:
     """Load a local tokenizer directory or cached HF name; append a mask token if it has none."""
+    path = Path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
+        if (path / "tokenizer.json").is_file() and (path / "config.json").is_file():
+            # A model checkpoint directory: its config.json describes the model (e.g. model_type
+            # "mdlm"), which AutoTokenizer would try, and fail, to interpret.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"tokenizer={str(name_or_path)!r} is neither a tokenizer directory "
