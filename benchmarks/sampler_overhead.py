@@ -16,14 +16,19 @@ Configurations (``B`` prompts, ``N`` particles, ``T`` steps, ``L`` length):
 
 Each configuration gets one warm-up run and then ``--repeats`` timed runs; the table shows
 the medians. Run ``python benchmarks/sampler_overhead.py --help`` for the flags; ``--quick``
-uses tiny sizes (a smoke run of a few seconds) and ``--profile`` prints a cProfile summary of
-one extra run per configuration.
+uses tiny sizes (a smoke run of a few seconds), ``--profile`` prints a cProfile summary of
+one extra run per configuration and ``--digest`` prints a SHA-256 of every timed run's outputs
+(tokens, log-weights, log Ẑ, ESS, resampled, ancestors) so that two versions of the sampler
+can be checked for bit-identical results at benchmark scale, e.g.
+``PYTHONPATH=<old checkout> python benchmarks/sampler_overhead.py --digest`` against the same
+command on the new one (same ``--threads``: CPU kernels may round differently).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import io
 import json
 import math
@@ -132,9 +137,12 @@ def run_config(
     device: torch.device,
     repeats: int,
     profile: bool = False,
+    digest: bool = False,
 ) -> dict[str, Any]:
     """One warm-up run and ``repeats`` timed runs of one configuration."""
     sampler = ls.SMCSampler(denoiser, num_steps=sizes.steps, **_sampler_kwargs(name, sizes))
+
+    digests: list[str] = []
 
     def once(seed: int) -> tuple[float, float, float, int]:
         denoiser.reset()
@@ -146,15 +154,19 @@ def run_config(
         )
         _sync(device)
         wall = time.perf_counter() - start
+        if digest:
+            digests.append(output_digest(out))
         return wall, denoiser.seconds, float(out.nfe), int(out.resampled.sum())
 
     once(0)  # warm-up
+    digests.clear()
     walls, forwards, ratios = [], [], []
     for r in range(repeats):
         wall, fwd, nfe, resamples = once(r + 1)
         walls.append(wall)
         forwards.append(fwd)
         ratios.append(wall / fwd if fwd > 0 else math.inf)
+    timed_digests = list(digests)
     result = {
         "config": name,
         "wall_s": statistics.median(walls),
@@ -169,6 +181,8 @@ def run_config(
         "ratios": ratios,
     }
     result["overhead_ms_per_step"] = 1e3 * (result["wall_s"] - result["forward_s"]) / sizes.steps
+    if digest:
+        result["digests"] = timed_digests  # one per timed run (seeds 1..repeats)
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -180,6 +194,22 @@ def run_config(
     return result
 
 
+def output_digest(out: Any) -> str:
+    """SHA-256 of the exact bytes of a sampler output (shapes and dtypes included)."""
+    h = hashlib.sha256()
+    for t in (
+        out.tokens,
+        out.log_weights,
+        out.log_normalizer,
+        out.ess,
+        out.resampled,
+        out.ancestors,
+    ):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_benchmark(
     sizes: Sizes,
     device: str = "cpu",
@@ -187,6 +217,7 @@ def run_benchmark(
     configs=CONFIGS,
     profile: bool = False,
     seed: int = 0,
+    digest: bool = False,
 ) -> dict[str, Any]:
     """Build the denoiser and time every configuration; returns a JSON-ready dict."""
     device = torch.device(device)
@@ -201,7 +232,8 @@ def run_benchmark(
     model = model.to(device).eval()
     denoiser = TimedDenoiser(model)
     results = {
-        name: run_config(name, denoiser, sizes, device, repeats, profile) for name in configs
+        name: run_config(name, denoiser, sizes, device, repeats, profile, digest)
+        for name in configs
     }
     return {
         "sizes": asdict(sizes),
@@ -261,6 +293,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="which configs to run"
     )
+    p.add_argument(
+        "--digest",
+        action="store_true",
+        help="print a SHA-256 of each timed run's outputs (to compare sampler versions)",
+    )
     p.add_argument("--json", type=Path, help="write the results (incl. every repeat) to this file")
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes for a smoke run of a few seconds"
@@ -299,10 +336,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"threads={torch.get_num_threads()} repeats={args.repeats} (median shown)",
         flush=True,
     )
-    report = run_benchmark(sizes, args.device, args.repeats, args.configs, args.profile)
+    report = run_benchmark(
+        sizes, args.device, args.repeats, args.configs, args.profile, digest=args.digest
+    )
     print(f"parameters: {report['parameters'] / 1e6:.2f}M")
     print(format_table(report))
     print("overhead = wall / forward (1.00 = no sampler cost; target <= 1.05)")
+    if args.digest:
+        print("output SHA-256 per timed run (seeds 1..repeats):")
+        for r in report["configs"].values():
+            print(f"  {r['config']:<14} " + " ".join(d[:16] for d in r["digests"]))
     if args.profile:
         for r in report["configs"].values():
             print(

@@ -5,11 +5,14 @@ Rows are particle sequences: ``R = B * N`` (prompt ``b``'s particles are rows ``
 (``diffusion.StepPlan``), ``cond`` the per-row conditioning, ``rows`` one generator per prompt.
 ``expand(value)`` repeats a per-prompt value (leading dimension ``B``) to per-row.
 ``rand_at(mask)`` draws uniforms for the True entries of a per-row mask from each prompt's own
-generator, so a prompt's randomness never depends on the rest of the batch.
+generator, so a prompt's randomness never depends on the rest of the batch. ``scratch`` (a
+``Scratch``, shared by the steps of one run) holds reusable work buffers, so that the large
+per-step draws (``[#masked, V]`` float64) do not allocate fresh memory at every step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,7 @@ from torch import Tensor
 from .diffusion import StepPlan
 from .smc import RowGenerators, rand_at
 
-__all__ = ["StepContext", "denoiser_log_probs", "expand_rows", "index_rows"]
+__all__ = ["Scratch", "StepContext", "denoiser_log_probs", "expand_rows", "index_rows"]
 
 
 def expand_rows(value: Any, repeats: int) -> Any:
@@ -47,6 +50,30 @@ def index_rows(value: Any, index: Tensor) -> Any:
     return value
 
 
+class Scratch:
+    """Named work buffers reused across the steps of one sampler run (grown on demand).
+
+    ``get(name, shape, dtype, device)`` returns a contiguous view of buffer ``name`` with that
+    shape; its contents are whatever the last user left there, and it stays valid only until the
+    next ``get`` of the same name."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype, device) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.dtype != dtype
+            or buffer.device != torch.device(device)
+        ):
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[name] = buffer
+        return buffer[:numel].view(tuple(shape))
+
+
 @dataclass
 class StepContext:
     x_t: Tensor
@@ -56,6 +83,7 @@ class StepContext:
     rows: RowGenerators
     num_particles: int
     mask_id: int
+    scratch: Scratch | None = None
 
     @property
     def progress(self) -> float:
@@ -65,17 +93,24 @@ class StepContext:
     def expand(self, value: Any) -> Any:
         return expand_rows(value, self.num_particles)
 
-    def rand_at(self, mask: Tensor, trailing: Sequence[int] = ()) -> Tensor:
-        """Uniforms for ``mask [R, ...]`` (rows grouped by prompt), ``[mask.sum(), *trailing]``."""
+    def rand_at(
+        self, mask: Tensor, trailing: Sequence[int] = (), out: Tensor | None = None
+    ) -> Tensor:
+        """Uniforms for ``mask [R, ...]`` (rows grouped by prompt), ``[mask.sum(), *trailing]``;
+        ``out``: an optional float64 buffer to draw into (see ``smc.rand_at``)."""
         grouped = mask.reshape(len(self.rows), -1, *mask.shape[1:])
-        return rand_at(self.rows, grouped, trailing)
+        return rand_at(self.rows, grouped, trailing, out=out)
 
     def masked(self) -> Tensor:
         return self.x_t == self.mask_id
 
 
 def denoiser_log_probs(logits: Tensor, mask_id: int) -> Tensor:
-    """``log p(x0 | x_t)`` with the mask token removed (it is never a clean value)."""
-    logits = logits.clone()
-    logits[..., mask_id] = -torch.inf
+    """``log p(x0 | x_t)`` with the mask token removed (it is never a clean value).
+
+    ``logits`` is never modified; a contiguous tensor whose mask column is already all ``-inf``
+    (MDLM, ``TinyTransformerDenoiser``, ``ExactDenoiser``) is normalized without a copy."""
+    if not (logits.is_contiguous() and bool(torch.isneginf(logits[..., mask_id]).all())):
+        logits = logits.clone()
+        logits[..., mask_id] = -torch.inf
     return torch.log_softmax(logits, dim=-1)

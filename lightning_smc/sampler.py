@@ -7,7 +7,10 @@ length, ``T`` steps; ``x [R, L]`` the state, ``log_w [B, N]`` float64 log-weight
 1. ``logits = denoiser(x_t, t, cond)``, ``log p = log_softmax`` with the mask removed;
 2. **reweight by the twist**: ``log_w += log gamma_t(x_t) - log gamma_prev`` (``RewardTilt``);
 3. **resample** the rows the strategy picks (never before the first step): ``log_Z +=
-   log mean exp(log_w)``, particles, logits and twists follow their ancestors, ``log_w = 0``;
+   log mean exp(log_w)``, particles, logits and twists follow their ancestors, ``log_w = 0``
+   (without the cache, the ``[R, L, V]`` log-probs are not gathered: step 4 reads the rows it
+   needs through the ancestor index, unless a proposal, offset, temperature or top-p needs
+   the whole tensor);
 4. **propose**: ``log q`` from the proposal (base kernel by default), temperature / top-p
    applied; the unmasking policy picks positions; tokens drawn by float64 Gumbel-max;
 5. **weight the move**: ``log_w += sum_committed [log pi(x_s) - log q(x_s)]`` (see ``potentials``).
@@ -15,7 +18,8 @@ length, ``T`` steps; ``x [R, L]`` the state, ``log_w [B, N]`` float64 log-weight
 After the last step ``log_w += log gamma_0(x_0) - log gamma_prev`` and ``log_Z += log mean
 exp(log_w)``, so ``E[Ẑ] = Z`` including the initial twist. Randomness comes from one generator
 per prompt (``smc.seeding``): the same prompt and seed give the same particles alone or in
-any batch, and on any rank.
+any batch, and on any rank. Large per-step buffers (the ``[#masked, V]`` float64 uniforms)
+live in a ``context.Scratch`` reused by all steps of a run.
 
 Example::
 
@@ -36,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cache import CachedDenoiser
-from .context import StepContext, expand_rows
+from .context import Scratch, StepContext, expand_rows
 from .diffusion import StepPlan, get_unmasking, gumbel_max, plan_steps, proposal_log_probs
 from .models.base import Denoiser
 from .output import SMCOutput
@@ -151,6 +155,7 @@ class SMCSampler:
             torch.zeros(B * N, dtype=torch.float64, device=x.device),
         )
         network = CachedDenoiser(self.denoiser, self.cache)
+        scratch = Scratch()
         extra_evals = 0
         for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
             k = plan.step
@@ -158,21 +163,24 @@ class SMCSampler:
                 trace.ess[:, k - 1 :] = ess(log_w).unsqueeze(1)  # nothing left in this block
                 continue
             t = torch.full((x.shape[0],), plan.t, device=x.device)
-            ctx = StepContext(x, t, plan, cond, rows, N, self.denoiser.mask_id)
+            ctx = StepContext(x, t, plan, cond, rows, N, self.denoiser.mask_id, scratch)
             base_lp = network(x, t, cond)
             extra_evals += self.potential.extra_nfe + getattr(self.proposal, "extra_nfe", 0)
             twist = self.potential.twist(ctx, base_lp)
             if twist is not None:
                 log_w += (twist - prev_twist).view(B, N)
                 prev_twist = twist
+            index = None
             if k > 0:
                 trace.ess[:, k - 1] = ess(log_w)
                 chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block)) & (N > 1)
                 if chosen.any():
                     index = self._resample(log_w, chosen, rows, trace, k - 1)
-                    x, prev_twist, base_lp = x[index], prev_twist[index], network.reorder(index)
+                    x, prev_twist = x[index], prev_twist[index]
                     ctx.x_t = x
-            x, increment = self._propagate(ctx, base_lp)
+                    if self.cache:  # the cache's rows must follow their ancestors
+                        base_lp, index = network.reorder(index), None
+            x, increment = self._propagate(ctx, base_lp, index)
             log_w += increment.view(B, N)
         final = self.potential.final_twist(x)
         if final is not None:
@@ -194,42 +202,61 @@ class SMCSampler:
         offsets = torch.arange(log_w.shape[0], device=log_w.device).unsqueeze(1) * N
         return (trace.ancestors[:, k] + offsets).flatten()
 
-    def _propagate(self, ctx: StepContext, base_lp: Tensor) -> tuple[Tensor, Tensor]:
-        """Commit tokens at the policy's positions; returns ``(x_s, increment [R])``."""
+    def _propagate(
+        self, ctx: StepContext, base_lp: Tensor, index: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Commit tokens at the policy's positions; returns ``(x_s, increment [R])``.
+
+        ``index [R]``: the rows were just resampled and row ``r`` of ``base_lp`` belongs to particle
+        ``index[r]``'s ancestor, i.e. the log-probs of ``ctx.x_t`` are ``base_lp[index]``; only the
+        entries used are read through it (every value is the same as after that gather)."""
         x, plan = ctx.x_t, ctx.plan
         offset = self.potential.offset(ctx)
+        untempered = self.temperature == 1.0 and self.top_p == 1.0
+        base_kernel = self.proposal is None and not self.potential.proposes and offset is None
+        if index is not None and not (base_kernel and untempered):
+            base_lp, index = base_lp[index], None  # these read the whole tensor
         q_lp, correct = self._proposal_log_probs(ctx, base_lp, offset)
-        log_q = (
-            q_lp
-            if (self.temperature == 1.0 and self.top_p == 1.0)
-            else proposal_log_probs(q_lp, self.temperature, self.top_p)
-        )
-        in_block = torch.zeros_like(x, dtype=torch.bool)
-        in_block[:, plan.block_start : plan.block_end] = True
-        masked = in_block & (x == ctx.mask_id)
+        log_q = q_lp if untempered else proposal_log_probs(q_lp, self.temperature, self.top_p)
+        R, L = x.shape
         V = base_lp.shape[-1]
+        if index is None:
+            source = None
+        else:  # flat position r * L + l of x_t -> row index[r] * L + l of base_lp
+            source = (index.unsqueeze(1) * L + torch.arange(L, device=x.device)).reshape(-1)
+        block = slice(plan.block_start, plan.block_end)
+        masked = torch.zeros_like(x, dtype=torch.bool)
+        masked[:, block] = x[:, block] == ctx.mask_id
         if self.policy.value_independent:
-            u = ctx.rows.rand((self.num_particles, x.shape[1]), x.device).view_as(x)
+            u = ctx.rows.rand((self.num_particles, L), x.device).view_as(x)
             commit = self.policy.select(masked, plan, u=u)
-            tokens = gumbel_max(log_q[commit], ctx.rand_at(commit, (V,)))
+            at = _flat_index(commit)
+            tokens = _gumbel_at(ctx, log_q, commit, _source(at, source))
         else:
-            candidates = x.clone()
-            candidates[masked] = gumbel_max(log_q[masked], ctx.rand_at(masked, (V,)))
-            confidence = (
-                q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1).exp()
-            )
+            candidates = x.clone(memory_format=torch.contiguous_format)
+            where = _flat_index(masked)
+            candidates.view(-1)[where] = _gumbel_at(ctx, log_q, masked, _source(where, source))
+            if source is None:
+                picked = q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1)
+            else:
+                picked = _entries(q_lp, source, candidates.clamp_max(V - 1).view(-1)).view(R, L)
+            confidence = picked.exp()
             commit = self.policy.select(masked, plan, confidence=confidence)
-            tokens = candidates[commit]
-        x_s = x.clone()
-        x_s[commit] = tokens
-        at = tokens.unsqueeze(-1)
-        lp = base_lp[commit].gather(-1, at).squeeze(-1).to(torch.float64)
+            at = _flat_index(commit)
+            tokens = candidates.view(-1)[at]
+        x_s = x.clone(memory_format=torch.contiguous_format)
+        x_s.view(-1)[at] = tokens
+        # the committed entries of [R, L, V] tensors, read in place (no [#committed, V] copies)
+        lp = _entries(base_lp, _source(at, source), tokens).to(torch.float64)
         target = self.potential.exponent * lp
         if offset is not None:
-            target = target + offset[commit].gather(-1, at).squeeze(-1).to(torch.float64)
-        reference = log_q[commit].gather(-1, at).squeeze(-1).to(torch.float64) if correct else lp
-        increment = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        increment.index_add_(0, commit.nonzero()[:, 0], target - reference)
+            target = target + _entries(offset, at, tokens).to(torch.float64)
+        if correct:
+            reference = _entries(log_q, _source(at, source), tokens).to(torch.float64)
+        else:
+            reference = lp
+        increment = torch.zeros(R, dtype=torch.float64, device=x.device)
+        increment.index_add_(0, at // L, target - reference)
         return x_s, increment
 
     def _proposal_log_probs(self, ctx, base_lp, offset) -> tuple[Tensor, bool]:
@@ -290,6 +317,37 @@ class SMCSampler:
             # are generated (infilling); blocks tile [start, seq_len).
             start = int((x == mask_id).any(0).nonzero()[0])
         return x.repeat_interleave(self.num_particles, dim=0), start
+
+
+def _flat_index(mask: Tensor) -> Tensor:
+    """Indices of the True entries of ``mask [R, L]`` in the flattened ``[R * L]`` (row-major)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _source(at: Tensor, source: Tensor | None) -> Tensor:
+    """Flat positions ``at`` of ``x_t`` as flat rows of the (not gathered) log-probs."""
+    return at if source is None else source[at]
+
+
+def _entries(values: Tensor, at: Tensor, tokens: Tensor) -> Tensor:
+    """``values[r, l, tokens]`` at the flat positions ``at = r * L + l`` of ``values [R, L, V]``."""
+    return values.reshape(-1, values.shape[-1])[at, tokens]
+
+
+def _gumbel_at(ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor) -> Tensor:
+    """Gumbel-max tokens at the True entries of ``where [R, L]``, whose rows of ``log_q [.., V]``
+    are the flat rows ``rows_at``: the same draws as ``gumbel_max(log_q[where], ctx.rand_at(where,
+    (V,)))``, with those rows and the uniforms written into ``ctx.scratch`` buffers (no fresh
+    ``[M, V]`` memory per step)."""
+    V = log_q.shape[-1]
+    flat = log_q.reshape(-1, V)
+    if ctx.scratch is None:
+        return gumbel_max(flat[rows_at], ctx.rand_at(where, (V,)))
+    M = rows_at.numel()
+    rows = ctx.scratch.get("log_q_rows", (M, V), log_q.dtype, log_q.device)
+    torch.index_select(flat, 0, rows_at, out=rows)
+    u = ctx.scratch.get("uniforms", (M, V), torch.float64, where.device)
+    return gumbel_max(rows, ctx.rand_at(where, (V,), out=u), overwrite_u=True)
 
 
 @dataclass

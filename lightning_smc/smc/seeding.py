@@ -15,6 +15,7 @@ drawn from global state:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -65,7 +66,10 @@ class RowGenerators:
 
     def rand(self, shape: Sequence[int], device: torch.device | str, dtype=torch.float64) -> Tensor:
         """Uniforms ``[B, *shape]``, row ``b`` drawn from generator ``b``."""
-        return torch.stack([self.rand_row(b, shape, device, dtype) for b in range(len(self))])
+        out = torch.empty((len(self), *shape), dtype=dtype, device=device)
+        for b in range(len(self)):
+            self.rand_row_into(b, out[b])
+        return out
 
     def rand_row(
         self, b: int, shape: Sequence[int], device: torch.device | str, dtype=torch.float64
@@ -73,14 +77,36 @@ class RowGenerators:
         g = self.generators[b]
         return torch.rand(tuple(shape), generator=g, dtype=dtype, device=g.device).to(device)
 
+    def rand_row_into(self, b: int, out: Tensor) -> Tensor:
+        """Fill ``out`` with uniforms from generator ``b``: the same values, and the same generator
+        state afterwards, as ``rand_row(b, out.shape, out.device, out.dtype)``."""
+        g = self.generators[b]
+        if out.device == g.device and out.is_contiguous():
+            return torch.rand(out.shape, generator=g, dtype=out.dtype, device=g.device, out=out)
+        return out.copy_(self.rand_row(b, out.shape, out.device, out.dtype))
+
     def generator(self, b: int) -> torch.Generator:
         return self.generators[b]
 
 
-def rand_at(rows: RowGenerators, mask: Tensor, trailing: Sequence[int] = ()) -> Tensor:
-    """Uniforms ``[mask.sum(), *trailing]`` for the True entries of ``mask [B, ...]`` in
+def rand_at(
+    rows: RowGenerators, mask: Tensor, trailing: Sequence[int] = (), out: Tensor | None = None
+) -> Tensor:
+    """Uniforms ``[mask.sum(), *trailing]`` (float64) for the True entries of ``mask [B, ...]`` in
     row-major order (the order of ``mask.nonzero()``); row ``b``'s entries come from generator
-    ``b`` and depend only on row ``b``'s mask."""
+    ``b`` and depend only on row ``b``'s mask. ``out``: an optional contiguous float64 buffer
+    with at least that many elements to write into (the result is a view of it)."""
     counts = mask.reshape(mask.shape[0], -1).sum(-1).tolist()
-    parts = [rows.rand_row(b, (int(c), *trailing), mask.device) for b, c in enumerate(counts)]
-    return torch.cat(parts) if parts else mask.new_empty((0, *trailing), dtype=torch.float64)
+    shape = (int(sum(counts)), *trailing)
+    numel = math.prod(shape)
+    if out is None:
+        result = torch.empty(shape, dtype=torch.float64, device=mask.device)
+    else:
+        if out.dtype != torch.float64 or not out.is_contiguous() or out.numel() < numel:
+            raise ValueError("rand_at: out must be a contiguous float64 buffer large enough")
+        result = out.reshape(-1)[:numel].view(shape)
+    start = 0
+    for b, c in enumerate(counts):  # also for c == 0, exactly as separate draws would
+        rows.rand_row_into(b, result[start : start + int(c)])
+        start += int(c)
+    return result

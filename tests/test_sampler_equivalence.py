@@ -1,0 +1,716 @@
+"""Bit-identical sampler outputs across performance refactors of the sampler loop.
+
+``GOLDEN`` holds, for each configuration below, the SHA-256 of the exact bytes of every output
+of ``SMCSampler.sample`` (tokens, float64 log-weights, log Ẑ, ESS, resampled, ancestors,
+overtakes, NFE). The digests were recorded by running the sampler **before** the overhead work
+(commit ea1d7ab: clone-based ``denoiser_log_probs``, out-of-place Gumbel-max, ``torch.cat`` in
+``rand_at``, forward-then-resample loop with ``CachedDenoiser.reorder``) on this repository's
+reference machine (``GOLDEN_PLATFORM``). Any change that alters a single bit of any output
+for a given seed fails here. Regenerate only for an intended change of results
+(``python tests/test_sampler_equivalence.py`` prints the current digests).
+
+Floating-point kernels may round differently on another CPU / torch build, so the digest check
+is skipped when the platform differs. ``test_matches_reference_loop`` covers that case on any
+machine: it runs a frozen copy of the pre-change loop (``_ReferenceSampler``) side by side
+with the current sampler and compares outputs with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import lightning_smc as ls
+import lightning_smc.diffusion.categorical as categorical
+import lightning_smc.potentials as potentials_module
+import lightning_smc.proposals as proposals_module
+from lightning_smc.context import StepContext
+from lightning_smc.diffusion import gumbel_max, proposal_log_probs
+from lightning_smc.sampler import SMCSampler
+from lightning_smc.smc import RowGenerators, StepInfo, ess, rand_at
+
+# --------------------------------------------------------------------------- configurations
+
+
+def tiny(seed=0, vocab=12, max_len=24):
+    torch.manual_seed(seed)
+    return ls.TinyTransformerDenoiser(
+        vocab_size=vocab, max_len=max_len, d_model=32, n_layers=1
+    ).eval()
+
+
+def joint(seed, V=3, L=4):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand((V,) * L, generator=g, dtype=torch.float64) ** 3 + 0.02
+    return p / p.sum()
+
+
+def count3(x):
+    return (x == 3).double().sum(-1)
+
+
+def count2(x):
+    return (x == 2).double().sum(-1) - 0.7 * (x[..., 0] == x[..., -1]).double()
+
+
+def _config(name):
+    """``(denoiser, sampler kwargs, sample kwargs)`` for one configuration (fresh objects)."""
+    g = {"generator": torch.Generator().manual_seed(11)}
+    prompt = torch.tensor([[1, 2, 11, 4], [3, 5, 6, 11]])  # 11 = mask: infilling
+    per_prompt = [torch.Generator().manual_seed(s) for s in (3, 9)]
+    tiny_run = dict(seq_len=16, batch_size=2, **g)
+    exact_run = dict(seq_len=4, batch_size=3, **g)
+    table = {
+        # --- TinyTransformerDenoiser
+        "tiny-ancestral-plain": (tiny(), dict(num_steps=8), dict(tiny_run, batch_size=3)),
+        "tiny-ancestral-selfreward-N4": (
+            tiny(),
+            dict(num_steps=8, num_particles=4, potential=ls.SelfReward(), ess_threshold=0.9),
+            tiny_run,
+        ),
+        "tiny-random-blocks-selfreward": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="random",
+                num_particles=4,
+                potential=ls.SelfReward(),
+                block_length=4,
+                resample_when="block:0.9",
+            ),
+            tiny_run,
+        ),
+        "tiny-lowconf-selfreward": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="low_confidence",
+                num_particles=4,
+                potential=ls.SelfReward(beta=2.0),
+                ess_threshold=0.9,
+            ),
+            tiny_run,
+        ),
+        "tiny-lowconf-blocks-prompt": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="low_confidence",
+                num_particles=3,
+                potential=ls.SelfReward(),
+                block_length=4,
+                resample_when="always",
+            ),
+            dict(seq_len=16, prompt=prompt, generator=per_prompt),
+        ),
+        "tiny-threshold-blocks": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="threshold",
+                confidence_threshold=0.07,  # some blocks finish early
+                num_particles=3,
+                potential=ls.SelfReward(),
+                block_length=8,
+                resample_when="always",
+            ),
+            tiny_run,
+        ),
+        "tiny-tilt-M2": (
+            tiny(),
+            dict(
+                num_steps=8,
+                num_particles=4,
+                resample_when="always",
+                potential=ls.RewardTilt(count3, alpha=0.5, num_samples=2),
+            ),
+            tiny_run,
+        ),
+        "tiny-tilt-greedy-lowconf": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="low_confidence",
+                num_particles=4,
+                resample_when="every:2",
+                potential=ls.RewardTilt(count3, alpha=0.3, num_samples=0, schedule="constant"),
+            ),
+            tiny_run,
+        ),
+        "tiny-product": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="low_confidence",
+                num_particles=4,
+                resample_when="always",
+                potential=ls.ProductTarget(weight=1.5, second_denoiser=tiny(seed=1)),
+            ),
+            tiny_run,
+        ),
+        "tiny-proposal-random": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="random",
+                num_particles=4,
+                resample_when="every:2",
+                potential=ls.SelfReward(),
+                proposal=ls.DenoiserProposal(tiny(seed=2)),
+            ),
+            tiny_run,
+        ),
+        "tiny-cache-ancestral": (
+            tiny(),
+            dict(
+                num_steps=16,
+                num_particles=4,
+                potential=ls.SelfReward(),
+                ess_threshold=0.9,
+                cache=True,
+            ),
+            tiny_run,
+        ),
+        "tiny-cache-tilt": (
+            tiny(),
+            dict(
+                num_steps=16,
+                num_particles=4,
+                resample_when="always",
+                potential=ls.RewardTilt(count3, alpha=0.5, num_samples=2),
+                cache=True,
+            ),
+            tiny_run,
+        ),
+        "tiny-temp-topp-lowconf": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="low_confidence",
+                num_particles=4,
+                potential=ls.SelfReward(),
+                resample_when="always",
+                temperature=0.7,
+                top_p=0.9,
+            ),
+            tiny_run,
+        ),
+        "tiny-temp-topp-ancestral": (
+            tiny(),
+            dict(num_steps=8, num_particles=2, temperature=0.7, top_p=0.9, resample_when="always"),
+            tiny_run,
+        ),
+        "tiny-greedy-random": (
+            tiny(),
+            dict(
+                num_steps=8,
+                unmasking="random",
+                num_particles=2,
+                temperature=0.0,
+                potential=ls.SelfReward(),
+                resample_when="always",
+            ),
+            tiny_run,
+        ),
+        # --- ExactDenoiser (float64 logits)
+        "exact-random-selfreward": (
+            ls.ExactDenoiser(joint(1)),
+            dict(
+                num_steps=4,
+                unmasking="random",
+                num_particles=8,
+                potential=ls.SelfReward(),
+                ess_threshold=0.9,
+            ),
+            exact_run,
+        ),
+        "exact-lowconf-selfreward": (
+            ls.ExactDenoiser(joint(2)),
+            dict(
+                num_steps=2,
+                unmasking="low_confidence",
+                num_particles=8,
+                potential=ls.SelfReward(),
+                ess_threshold=1.0,
+            ),
+            exact_run,
+        ),
+        "exact-tilt-M2": (
+            ls.ExactDenoiser(joint(3)),
+            dict(
+                num_steps=4,
+                unmasking="random",
+                num_particles=8,
+                potential=ls.RewardTilt(count2, alpha=0.5, num_samples=2),
+            ),
+            exact_run,
+        ),
+        "exact-product-cond": (
+            ls.ExactDenoiser(torch.stack([joint(4), joint(5)])),
+            dict(
+                num_steps=4,
+                unmasking="random",
+                num_particles=8,
+                potential=ls.ProductTarget(weight=2.0, second_cond=None),
+                ess_threshold=0.9,
+            ),
+            dict(exact_run, cond=torch.ones(3, dtype=torch.long)),
+        ),
+        "exact-proposal-ancestral": (
+            ls.ExactDenoiser(joint(6)),
+            dict(
+                num_steps=4,
+                num_particles=8,
+                potential=ls.RewardTilt(count2, alpha=0.5, num_samples=1),
+                proposal=ls.DenoiserProposal(ls.ExactDenoiser(joint(7))),
+            ),
+            exact_run,
+        ),
+        "exact-cache-threshold": (
+            ls.ExactDenoiser(joint(8)),
+            dict(
+                num_steps=4,
+                unmasking="threshold",
+                confidence_threshold=0.3,
+                num_particles=8,
+                potential=ls.SelfReward(),
+                cache=True,
+                resample_when="always",
+            ),
+            exact_run,
+        ),
+    }
+    return table[name]
+
+
+CONFIG_NAMES = [
+    "tiny-ancestral-plain",
+    "tiny-ancestral-selfreward-N4",
+    "tiny-random-blocks-selfreward",
+    "tiny-lowconf-selfreward",
+    "tiny-lowconf-blocks-prompt",
+    "tiny-threshold-blocks",
+    "tiny-tilt-M2",
+    "tiny-tilt-greedy-lowconf",
+    "tiny-product",
+    "tiny-proposal-random",
+    "tiny-cache-ancestral",
+    "tiny-cache-tilt",
+    "tiny-temp-topp-lowconf",
+    "tiny-temp-topp-ancestral",
+    "tiny-greedy-random",
+    "exact-random-selfreward",
+    "exact-lowconf-selfreward",
+    "exact-tilt-M2",
+    "exact-product-cond",
+    "exact-proposal-ancestral",
+    "exact-cache-threshold",
+]
+
+
+def run_config(name, sampler_cls=SMCSampler):
+    denoiser, sampler_kwargs, sample_kwargs = _config(name)
+    return sampler_cls(denoiser, **sampler_kwargs).sample(**sample_kwargs)
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return f"{t.dtype}{tuple(t.shape)}".encode() + t.numpy().tobytes()
+
+
+def digest(out: ls.SMCOutput) -> str:
+    h = hashlib.sha256()
+    for field in (
+        out.tokens,
+        out.log_weights,
+        out.log_normalizer,
+        out.ess,
+        out.resampled,
+        out.ancestors,
+        out.overtakes,
+    ):
+        h.update(_bytes(field))
+    h.update(repr(float(out.nfe)).encode())
+    return h.hexdigest()
+
+
+def platform() -> str:
+    # CPU kernels may split work (and round) differently with the thread count: it is part of it
+    cpu = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__.split('+')[0]} {cpu} threads={torch.get_num_threads()}"
+
+
+# Golden reference: printed by running this file as a script against the PRE-change code
+# (commit ea1d7ab, before any overhead work), torch.set_num_threads(2) as in tests/conftest.py.
+GOLDEN_PLATFORM = "torch 2.14.1 AVX512 threads=2"
+GOLDEN: dict[str, str] = {
+    "tiny-ancestral-plain": "08bb9d80ac65a5bb0232e6ec6c0e0ddcad89673fc8017d3db60fe06a41a304cf",
+    "tiny-ancestral-selfreward-N4": "83e64f76095ff34f906b9208dfcace19f6222808fb936c6e6503e2830b01741d",
+    "tiny-random-blocks-selfreward": "d7a6d13e6458cd8e95da27882e23a905afba0399decde7773c78eb6fbaaa36b4",
+    "tiny-lowconf-selfreward": "21f561b4e2bfda5d02da3e2604dc33034d8878008085ada1d5539d84066dea41",
+    "tiny-lowconf-blocks-prompt": "35e144b697e11a425a98c52e26a32529b52811e41b14521c0eb6dc6e80c67fe4",
+    "tiny-threshold-blocks": "8c688bd29764e0f001858e0dad68b10287f4f8c8029a9e179a5a8154440abfb2",
+    "tiny-tilt-M2": "b989ec9cd00a1367edfa8e399ec75d7ff0dca15afd28ef8ae9404043472f2dd2",
+    "tiny-tilt-greedy-lowconf": "be6cbd27b15cae937035a3995f9842b6c584615383c0ae74e140da860eff894d",
+    "tiny-product": "17b9f91a710ea96a69dc1c68c4a84eebba0770e8e4ec6b6a3d292a464ae5c02c",
+    "tiny-proposal-random": "7cf5b4b43319108c057aa93402a54b52015fa2a17334e3a0644fed381fabb1d7",
+    "tiny-cache-ancestral": "d3d831b32a30d2d3c540723177ba1845bd9afbe86ce4be56185481b2ad373f42",
+    "tiny-cache-tilt": "2e7d281bc373d3a5bdf32aceb112c74b648cc6bb743ba5333b4d1c9a43797459",
+    "tiny-temp-topp-lowconf": "31165645f402cd396b1110749d675cc69602913b50706e837ab3b1f6ea5fb3d4",
+    "tiny-temp-topp-ancestral": "fa87c7a00901b367a68f20c2a6b887fd5d8a999dd4bad51ab1f6c4393955d986",
+    "tiny-greedy-random": "3af2a2ae95f72b7b82607f2de0534fe3da04eb3c6b051493e887b099eab24f29",
+    "exact-random-selfreward": "2e79b9c36f877d5df3a6499773fce709ef093b234234246331b93669e039bc11",
+    "exact-lowconf-selfreward": "f418aa99e302bf5c55ddb3353d573898fdf32ce2d6953f4f554d4412091d2a50",
+    "exact-tilt-M2": "1fbd2bcbf566b8df5f92f9341031162278e3139810244b61b2d8a65bd0f0dc47",
+    "exact-product-cond": "4d90990757a252ea18a407c2e89a9427d67704c34cf534a78b9ef5938d1aa97f",
+    "exact-proposal-ancestral": "9548c947cd5d4fb5475dde2f1017217095bd9762516d983092ac47b15bbd150c",
+    "exact-cache-threshold": "79d3f441a455d0591421efa0e4d3c18ab8111ca99854c64c1522d17e236c3669",
+}
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_outputs_match_golden_digest(name):
+    if platform() != GOLDEN_PLATFORM:
+        pytest.skip(f"digests recorded on {GOLDEN_PLATFORM!r}, this is {platform()!r}")
+    assert digest(run_config(name)) == GOLDEN[name]
+
+
+# --------------------------------------------------------------------------- frozen reference
+# A verbatim copy of the pre-change hot path (commit ea1d7ab), so equivalence is checked on any
+# machine: forward, twist, resample (gathering the log-probs), then propagate.
+
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def _ref_gumbel_max(log_q, u):
+    gumbel = -torch.log(-torch.log(u.to(torch.float64).clamp_min(_TINY)))
+    return (log_q.to(torch.float64) + gumbel).argmax(dim=-1)
+
+
+def _ref_rand_at(rows, mask, trailing=()):
+    counts = mask.reshape(mask.shape[0], -1).sum(-1).tolist()
+    parts = [rows.rand_row(b, (int(c), *trailing), mask.device) for b, c in enumerate(counts)]
+    return torch.cat(parts) if parts else mask.new_empty((0, *trailing), dtype=torch.float64)
+
+
+def _ref_denoiser_log_probs(logits, mask_id):
+    logits = logits.clone()
+    logits[..., mask_id] = -torch.inf
+    return torch.log_softmax(logits, dim=-1)
+
+
+class _RefContext(StepContext):
+    def rand_at(self, mask, trailing=()):
+        grouped = mask.reshape(len(self.rows), -1, *mask.shape[1:])
+        return _ref_rand_at(self.rows, grouped, trailing)
+
+
+class _RefCache:
+    def __init__(self, denoiser, enabled=False):
+        self.denoiser, self.enabled = denoiser, enabled
+        self.x = self.log_probs = None
+        self.evaluations = 0
+
+    def __call__(self, x_t, t, cond):
+        from lightning_smc.context import index_rows
+
+        if not self.enabled or self.x is None:
+            self.log_probs = _ref_denoiser_log_probs(
+                self.denoiser(x_t, t, cond), self.denoiser.mask_id
+            )
+            self.evaluations += x_t.shape[0]
+        else:
+            stale = (x_t != self.x).any(-1).nonzero().flatten()
+            if len(stale) == x_t.shape[0]:
+                self.log_probs = _ref_denoiser_log_probs(
+                    self.denoiser(x_t, t, cond), self.denoiser.mask_id
+                )
+            elif len(stale):
+                fresh = self.denoiser(x_t[stale], t[stale], index_rows(cond, stale))
+                self.log_probs = self.log_probs.clone()
+                self.log_probs[stale] = _ref_denoiser_log_probs(fresh, self.denoiser.mask_id)
+            self.evaluations += len(stale)
+        self.x = x_t
+        return self.log_probs
+
+    def reorder(self, index):
+        self.x, self.log_probs = self.x[index], self.log_probs[index]
+        return self.log_probs
+
+
+class _ReferenceSampler(SMCSampler):
+    def _run(self, x, plans, cond, rows):
+        from lightning_smc.sampler import _Trace
+
+        B, N, T = len(rows), self.num_particles, len(plans)
+        trace = _Trace.empty(B, N, T, x.device)
+        log_w = trace.new_weights()
+        prev_twist = torch.zeros(B * N, dtype=torch.float64, device=x.device)
+        network = _RefCache(self.denoiser, self.cache)
+        extra_evals = 0
+        for plan in plans:
+            k = plan.step
+            if self.policy.may_finish_early and not self._block_open(x, plan):
+                trace.ess[:, k - 1 :] = ess(log_w).unsqueeze(1)
+                continue
+            t = torch.full((x.shape[0],), plan.t, device=x.device)
+            ctx = _RefContext(x, t, plan, cond, rows, N, self.denoiser.mask_id)
+            base_lp = network(x, t, cond)
+            extra_evals += self.potential.extra_nfe + getattr(self.proposal, "extra_nfe", 0)
+            twist = self.potential.twist(ctx, base_lp)
+            if twist is not None:
+                log_w += (twist - prev_twist).view(B, N)
+                prev_twist = twist
+            if k > 0:
+                trace.ess[:, k - 1] = ess(log_w)
+                chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block)) & (N > 1)
+                if chosen.any():
+                    index = self._resample(log_w, chosen, rows, trace, k - 1)
+                    x, prev_twist, base_lp = x[index], prev_twist[index], network.reorder(index)
+                    ctx.x_t = x
+            x, increment = self._propagate(ctx, base_lp)
+            log_w += increment.view(B, N)
+        final = self.potential.final_twist(x)
+        if final is not None:
+            log_w += (final - prev_twist).view(B, N)
+        nfe = network.evaluations / (B * N) + extra_evals
+        return trace.finish(x.view(B, N, -1), log_w, nfe)
+
+    def _propagate(self, ctx, base_lp):
+        x, plan = ctx.x_t, ctx.plan
+        offset = self.potential.offset(ctx)
+        q_lp, correct = self._proposal_log_probs(ctx, base_lp, offset)
+        log_q = (
+            q_lp
+            if (self.temperature == 1.0 and self.top_p == 1.0)
+            else proposal_log_probs(q_lp, self.temperature, self.top_p)
+        )
+        in_block = torch.zeros_like(x, dtype=torch.bool)
+        in_block[:, plan.block_start : plan.block_end] = True
+        masked = in_block & (x == ctx.mask_id)
+        V = base_lp.shape[-1]
+        if self.policy.value_independent:
+            u = ctx.rows.rand((self.num_particles, x.shape[1]), x.device).view_as(x)
+            commit = self.policy.select(masked, plan, u=u)
+            tokens = _ref_gumbel_max(log_q[commit], ctx.rand_at(commit, (V,)))
+        else:
+            candidates = x.clone()
+            candidates[masked] = _ref_gumbel_max(log_q[masked], ctx.rand_at(masked, (V,)))
+            confidence = (
+                q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1).exp()
+            )
+            commit = self.policy.select(masked, plan, confidence=confidence)
+            tokens = candidates[commit]
+        x_s = x.clone()
+        x_s[commit] = tokens
+        at = tokens.unsqueeze(-1)
+        lp = base_lp[commit].gather(-1, at).squeeze(-1).to(torch.float64)
+        target = self.potential.exponent * lp
+        if offset is not None:
+            target = target + offset[commit].gather(-1, at).squeeze(-1).to(torch.float64)
+        reference = log_q[commit].gather(-1, at).squeeze(-1).to(torch.float64) if correct else lp
+        increment = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        increment.index_add_(0, commit.nonzero()[:, 0], target - reference)
+        return x_s, increment
+
+
+def _assert_same(a: ls.SMCOutput, b: ls.SMCOutput) -> None:
+    for field in ("tokens", "log_weights", "log_normalizer", "ess", "resampled", "ancestors"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype and x.shape == y.shape, field
+        # equal_nan: -inf / nan entries must sit at the same places with the same bits
+        assert torch.equal(x, y) or (
+            x.is_floating_point() and torch.equal(x.view(torch.int64), y.view(torch.int64))
+        ), field
+    assert torch.equal(a.overtakes, b.overtakes)
+    assert a.nfe == b.nfe
+
+
+def _reference_run(name, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(potentials_module, "gumbel_max", _ref_gumbel_max)
+        m.setattr(potentials_module, "denoiser_log_probs", _ref_denoiser_log_probs)
+        m.setattr(proposals_module, "denoiser_log_probs", _ref_denoiser_log_probs)
+        return run_config(name, _ReferenceSampler)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_matches_reference_loop(name, monkeypatch):
+    _assert_same(run_config(name), _reference_run(name, monkeypatch))
+
+
+def _force_pruning(monkeypatch) -> list[int]:
+    """Use the pruned Gumbel-max path on every problem size; returns [accepted, fell back]."""
+    counts = [0, 0]
+    pruned = categorical._pruned_argmax
+
+    def counting(log_q, u):
+        index = pruned(log_q, u)
+        counts[index is None] += 1
+        return index
+
+    monkeypatch.setattr(categorical, "_PRUNE_MIN_VOCAB", 1)
+    monkeypatch.setattr(categorical, "_PRUNE_MIN_NUMEL", 1)
+    monkeypatch.setattr(categorical, "_PRUNE_MAX_SURVIVORS", 1.0)
+    monkeypatch.setattr(categorical, "_pruned_argmax", counting)
+    return counts
+
+
+PRUNED_CONFIGS = [
+    "tiny-ancestral-selfreward-N4",
+    "tiny-lowconf-blocks-prompt",
+    "tiny-threshold-blocks",
+    "tiny-tilt-M2",
+    "tiny-product",
+    "tiny-temp-topp-lowconf",
+    "tiny-greedy-random",
+    "exact-lowconf-selfreward",
+    "exact-tilt-M2",
+]
+
+
+@pytest.mark.parametrize("name", PRUNED_CONFIGS)
+def test_pruned_gumbel_max_path_matches_reference_loop(name, monkeypatch):
+    counts = _force_pruning(monkeypatch)
+    current = run_config(name)
+    assert counts[0] > 0  # the pruned path was taken
+    _assert_same(current, _reference_run(name, monkeypatch))
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny-lowconf-selfreward", "tiny-tilt-M2", "tiny-cache-ancestral"]
+)
+def test_matches_reference_loop_single_thread(name, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _assert_same(run_config(name), _reference_run(name, monkeypatch))
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gumbel_max_matches_reference_and_keeps_its_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    log_q = torch.log_softmax(torch.randn(64, 37, generator=g, dtype=dtype) * 3, -1)
+    log_q[:, 5] = -torch.inf
+    log_q[:3] = log_q[:3].clamp_min(-2.0)  # ties in log_q
+    u = torch.rand(64, 37, generator=g, dtype=torch.float64)
+    u[0, :4] = torch.tensor([0.0, 1.0, _TINY, 1.0 - 2**-53], dtype=torch.float64)
+    u[1] = 1.0  # all +inf Gumbels: the first one wins
+    u_before, lq_before = u.clone(), log_q.clone()
+    assert torch.equal(gumbel_max(log_q, u), _ref_gumbel_max(log_q, u))
+    assert torch.equal(u, u_before) and torch.equal(log_q, lq_before)
+    assert torch.equal(gumbel_max(log_q, u.float()), _ref_gumbel_max(log_q, u.float()))
+
+
+def _gumbel_cases():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        M = int(torch.randint(1, 120, (1,), generator=g))
+        V = int(torch.randint(2, 1500, (1,), generator=g))
+        scale = float(torch.rand(1, generator=g)) * 20  # flat ... very peaked
+        dtype = (torch.float32, torch.float64)[trial % 2]
+        log_q = torch.log_softmax(torch.randn(M, V, generator=g, dtype=dtype) * scale, -1)
+        if trial % 5 == 0:
+            log_q[:, ::7] = -torch.inf  # the mask column, top-p
+        if trial % 7 == 0:  # greedy: one 0 per row, -inf elsewhere
+            log_q = torch.full_like(log_q, -torch.inf).scatter_(
+                -1, log_q.argmax(-1, keepdim=True), 0.0
+            )
+        u = torch.rand(M, V, generator=g, dtype=torch.float64)
+        if trial % 3 == 0:
+            edge = torch.tensor([0.0, _TINY, 1.0 - 2**-53], dtype=torch.float64)
+            u[:, : min(3, V)] = edge[: min(3, V)]
+        yield log_q, u
+    u = torch.rand(50, 40, generator=g, dtype=torch.float64)
+    u[:, 1] = u[:, 0]
+    yield torch.zeros(50, 40), u  # exact ties: the first index wins
+    yield torch.full((16, 4096), -8.317766), torch.rand(16, 4096, generator=g, dtype=torch.float64)
+    yield (
+        torch.randn(8, 500, generator=g, dtype=torch.float64) * 1e6 - 1e10,
+        torch.rand(8, 500, generator=g, dtype=torch.float64),
+    )  # unnormalized, huge
+    yield (
+        torch.log_softmax(torch.randn(3, 5, 70, generator=g), -1),
+        torch.rand(3, 5, 70, generator=g, dtype=torch.float64),
+    )  # leading dimensions
+    yield torch.randn(10, 30, generator=g).bfloat16(), torch.rand(10, 30, generator=g).double()
+    u = torch.rand(10, 30, generator=g, dtype=torch.float64)
+    u[3, 5] = 1.0  # G = +inf
+    yield torch.randn(10, 30, generator=g), u
+    # near ties: the runner-up's log_q lifts it to the winner's value (up to rounding)
+    u = torch.rand(20, 300, generator=g, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u))
+    rows = torch.arange(20)
+    top2 = gumbel.topk(2, dim=-1).indices
+    log_q = torch.zeros(20, 300, dtype=torch.float64)
+    log_q[rows, top2[:, 1]] = gumbel[rows, top2[:, 0]] - gumbel[rows, top2[:, 1]]
+    yield log_q, u
+
+
+@pytest.mark.parametrize("sparse", [0.0, 1.0])  # log_q bound always / never applied
+def test_pruned_gumbel_max_matches_reference_on_adversarial_inputs(sparse, monkeypatch):
+    counts = _force_pruning(monkeypatch)
+    monkeypatch.setattr(categorical, "_PRUNE_SPARSE", sparse)
+    for log_q, u in _gumbel_cases():
+        expected = _ref_gumbel_max(log_q, u)
+        kept = u.clone()
+        assert torch.equal(gumbel_max(log_q, u), expected)
+        assert torch.equal(u, kept)
+        assert torch.equal(gumbel_max(log_q, u.clone(), overwrite_u=True), expected)
+        expanded = log_q[..., :1, :].expand_as(log_q)  # stride-0 rows
+        assert torch.equal(gumbel_max(expanded, u), _ref_gumbel_max(expanded, u))
+    assert counts[0] > 100 and counts[1] > 0  # both the pruned path and its fallback ran
+
+
+def test_gumbel_max_default_sizes_take_the_pruned_path():
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.3, 2.0, 6.0):  # flat (random init) ... peaked (trained)
+        log_q = torch.log_softmax(torch.randn(64, 4096, generator=g) * scale, -1)
+        u = torch.rand(64, 4096, generator=g, dtype=torch.float64)
+        assert categorical._pruned_argmax(log_q, u) is not None
+        assert torch.equal(gumbel_max(log_q, u), _ref_gumbel_max(log_q, u))
+
+
+@pytest.mark.parametrize("trailing", [(), (7,), (2, 3)])
+def test_rand_at_matches_reference_draws_and_streams(trailing):
+    mask = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask[1] = False  # a prompt with nothing to draw
+
+    def rows():
+        return RowGenerators.from_seeds([4, 5, 6])
+
+    new_rows, ref_rows = rows(), rows()
+    assert torch.equal(rand_at(new_rows, mask, trailing), _ref_rand_at(ref_rows, mask, trailing))
+    for a, b in zip(new_rows.generators, ref_rows.generators, strict=True):  # same state after
+        assert torch.equal(a.get_state(), b.get_state())
+    empty = torch.zeros(2, 3, dtype=torch.bool)
+    assert rand_at(rows(), empty, trailing).shape == (0, *trailing)
+
+
+def test_denoiser_log_probs_matches_reference():
+    from lightning_smc.context import denoiser_log_probs
+
+    logits = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0))
+    kept = logits.clone()
+    assert torch.equal(denoiser_log_probs(logits, 5), _ref_denoiser_log_probs(logits, 5))
+    assert torch.equal(logits, kept)  # the caller's logits are never modified
+    logits[..., 5] = -torch.inf
+    kept = logits.clone()
+    assert torch.equal(denoiser_log_probs(logits, 5), _ref_denoiser_log_probs(logits, 5))
+    assert torch.equal(logits, kept)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)  # as tests/conftest.py
+    print(f'GOLDEN_PLATFORM = "{platform()}"')
+    print("GOLDEN = {")
+    for name in CONFIG_NAMES:
+        print(f'    "{name}": "{digest(run_config(name))}",')
+    print("}")
