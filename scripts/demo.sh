@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export WANDB_MODE=offline
-.venv/bin/python -m lightning_smc.sample --toy "$@"
+.venv/bin/python -m lightning_smc.sample "$@"
