@@ -120,10 +120,10 @@ class RewardTilt(Potential):
     def _r_hat(self, ctx: StepContext, base_log_probs: Tensor) -> Tensor:
         masked = ctx.masked()
         M = max(self.num_samples, 1)
-        x0 = ctx.x_t.unsqueeze(1).repeat(1, M, 1)  # [R, M, L]
         if self.num_samples == 0:
             x0 = torch.where(masked, base_log_probs.argmax(-1), ctx.x_t).unsqueeze(1)
         else:
+            x0 = ctx.x_t.unsqueeze(1).repeat(1, M, 1)  # [R, M, L]
             where = masked.unsqueeze(1).expand_as(x0)
             lp = base_log_probs.unsqueeze(1).expand(-1, M, -1, -1)[where]
             x0[where] = gumbel_max(lp, ctx.rand_at(where, (lp.shape[-1],)))
