@@ -42,8 +42,8 @@ def _apply(name: str) -> None:
     elif name == "no-product-normalizer":  # propose from the mixture but drop its normalizer
         propagate = sampler_mod.SMCSampler._propagate
 
-        def patched(self, ctx, base_lp):
-            x_s, inc = propagate(self, ctx, base_lp)
+        def patched(self, ctx, base_lp, *args, **kwargs):
+            x_s, inc = propagate(self, ctx, base_lp, *args, **kwargs)
             return x_s, torch.zeros_like(inc) if isinstance(
                 self.potential, potentials.ProductTarget
             ) else inc
