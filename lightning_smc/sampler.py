@@ -116,6 +116,8 @@ class SMCSampler:
         if hasattr(self.potential, "bind"):
             self.potential.bind(denoiser)
         self.proposal = proposal
+        if hasattr(proposal, "bind"):  # e.g. GradientProposal reads the tilt's reward and alpha
+            proposal.bind(self.potential, denoiser)
         self.resample = get_resampling(resampling)
         self.strategy = get_strategy(
             resample_when if resample_when is not None else f"ess:{ess_threshold}"
