@@ -12,7 +12,7 @@ from .models.base import Denoiser, ExactDenoiser
 from .models.tiny import TinyTransformerDenoiser
 from .output import SMCOutput
 from .potentials import Potential, ProductTarget, RewardTilt, SelfReward
-from .proposals import DenoiserProposal, Proposal
+from .proposals import DenoiserProposal, GradientProposal, Proposal
 from .rewards import Reward
 from .sampler import SMCSampler
 from .smc import derive_seed
@@ -21,6 +21,7 @@ __all__ = [
     "Denoiser",
     "DenoiserProposal",
     "ExactDenoiser",
+    "GradientProposal",
     "Potential",
     "ProductTarget",
     "Proposal",

@@ -10,7 +10,9 @@ Shapes (``B`` prompts, ``N`` particles, ``L`` length, ``T`` steps):
 - ``nfe``: network evaluations per particle sequence (all networks; with the cache only the
   rows actually evaluated count, so it can be fractional);
 - ``overtakes [B]``: resamples at which the final best particle's ancestor was not the
-  best particle of that moment (SR-SMC's "overtake" events).
+  best particle of that moment (SR-SMC's "overtake" events);
+- ``path``: with ``sample(..., record_path=True)`` an ``SMCPath`` of every transition (the
+  rollouts the amortized proposal trains on), else ``None``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,35 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SMCOutput"]
+__all__ = ["SMCOutput", "SMCPath"]
+
+
+@dataclass
+class SMCPath:
+    """Every transition ``x_t -> x_s`` of a run, per particle row (``R = B * N``, ``T`` steps).
+
+    - ``x_from [T, R, L]``: the state step ``k`` moved from (after any resample before it);
+    - ``x_to [T, R, L]``: the state it produced;
+    - ``t [T]``: the (block-local) time of ``x_from``; ``step [T]``: the step index;
+    - ``twist_from``, ``twist_to [T, R]`` float64: ``log gamma`` of ``x_from`` and of ``x_to``
+      (zero without a twist; ``twist_to`` of the last step is the exact final twist).
+
+    The committed positions of step ``k`` are ``(x_from[k] == mask_id) & (x_to[k] != mask_id)``.
+    """
+
+    x_from: Tensor
+    x_to: Tensor
+    t: Tensor
+    step: Tensor
+    twist_from: Tensor
+    twist_to: Tensor
+
+    def to(self, device) -> SMCPath:
+        return SMCPath(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    def select(self, steps: Tensor) -> SMCPath:
+        """The transitions at step positions ``steps`` (indices into the first dimension)."""
+        return SMCPath(*(getattr(self, f)[steps] for f in self.__dataclass_fields__))
 
 
 @dataclass
@@ -34,6 +64,7 @@ class SMCOutput:
     ancestors: Tensor
     nfe: float
     overtakes: Tensor
+    path: SMCPath | None = None
 
     def best(self, score: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """The highest-weight particle per prompt ``[B, L]``. ``score`` ``[B, N]`` (or a reward

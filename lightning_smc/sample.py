@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler, derive_seed
+from .pretrained import EMBEDDED, load_checkpoint
 
 ALPHABET = "abc"
 LENGTH = 6
@@ -73,7 +74,6 @@ def decode(x: torch.Tensor) -> str:
     return "".join(ALPHABET[int(i)] for i in x)
 
 
-EMBEDDED = Path(__file__).resolve().parent / "assets" / "mdlm_tiny"
 
 
 def run_toy(args: argparse.Namespace, console: Console) -> None:
@@ -111,26 +111,6 @@ def print_trace(console: Console, out) -> None:
     )
     console.print(f"ESS after each step (* = resampled): {ess}")
     console.print(f"NFE per sequence: {out.nfe:g}   resamples: {int(out.resampled.sum())}")
-
-
-def load_checkpoint(path: Path):
-    """``(denoiser, tokenizer spec)`` from a ``save_pretrained`` directory with its tokenizer."""
-    from .data.tokenizer import load_tokenizer
-    from .models.mdlm import MDLMDenoiser
-
-    if not (path / "config.json").is_file():
-        hint = (
-            " (the embedded model ships with the package; reinstall it)" if path == EMBEDDED else ""
-        )
-        raise FileNotFoundError(f"--checkpoint {path}: no config.json there{hint}")
-    denoiser = MDLMDenoiser.from_pretrained(path).eval()
-    spec = load_tokenizer(path)
-    if spec.vocab_size != denoiser.vocab_size or spec.mask_id != denoiser.mask_id:
-        raise ValueError(
-            f"--checkpoint {path}: tokenizer vocabulary ({spec.vocab_size}, mask {spec.mask_id}) does not "
-            f"match the model ({denoiser.vocab_size}, mask {denoiser.mask_id})"
-        )
-    return denoiser, spec
 
 
 def run_checkpoint(args: argparse.Namespace, console: Console) -> None:

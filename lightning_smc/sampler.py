@@ -43,7 +43,7 @@ from .cache import CachedDenoiser
 from .context import Scratch, StepContext, expand_rows
 from .diffusion import StepPlan, get_unmasking, gumbel_max, plan_steps, proposal_log_probs
 from .models.base import Denoiser
-from .output import SMCOutput
+from .output import SMCOutput, SMCPath
 from .potentials import Potential
 from .proposals import Proposal
 from .smc import RowGenerators, StepInfo, ess, get_resampling, get_strategy, log_mean_exp
@@ -136,20 +136,29 @@ class SMCSampler:
         cond: Any = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         device: torch.device | str | None = None,
+        record_path: bool = False,
     ) -> SMCOutput:
         """Draw ``N`` weighted particles for each of ``B`` prompts (see the module docstring).
 
         ``prompt [B, P]`` (``P < seq_len``) fixes the first ``P`` tokens; its ``mask_id`` entries are
         generated (infilling; blocks then start at the first free position of the batch); ``cond`` has leading dimension ``B``; ``generator`` is one generator, or one per
-        prompt for results independent of batch composition."""
+        prompt for results independent of batch composition. ``record_path=True`` also returns
+        every transition with its twists (``out.path``, an ``SMCPath``)."""
         B, device = self._batch_and_device(batch_size, prompt, generator, device)
         rows = self._row_generators(generator, B, device)
         x, start = self._initial_state(seq_len, B, prompt, device)
         plans = plan_steps(self.num_steps, seq_len, start, self.block_length)
-        return self._run(x, plans, expand_rows(cond, self.num_particles), rows)
+        return self._run(x, plans, expand_rows(cond, self.num_particles), rows, record_path)
 
     # ------------------------------------------------------------------ loop
-    def _run(self, x: Tensor, plans: list[StepPlan], cond: Any, rows: RowGenerators) -> SMCOutput:
+    def _run(
+        self,
+        x: Tensor,
+        plans: list[StepPlan],
+        cond: Any,
+        rows: RowGenerators,
+        record_path: bool = False,
+    ) -> SMCOutput:
         B, N, T = len(rows), self.num_particles, len(plans)
         trace = _Trace.empty(B, N, T, x.device)
         log_w, prev_twist = (
@@ -159,11 +168,12 @@ class SMCSampler:
         network = CachedDenoiser(self.denoiser, self.cache)
         scratch = Scratch()
         extra_evals = 0
+        path = _PathRecorder() if record_path else None
         for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
             k = plan.step
             if self.policy.may_finish_early and not self._block_open(x, plan):
                 trace.ess[:, k - 1 :] = ess(log_w).unsqueeze(1)  # nothing left in this block
-                continue
+                continue  # (the path records no transition: x does not move)
             t = torch.full((x.shape[0],), plan.t, device=x.device)
             ctx = StepContext(x, t, plan, cond, rows, N, self.denoiser.mask_id, scratch)
             base_lp = network(x, t, cond)
@@ -172,6 +182,8 @@ class SMCSampler:
             if twist is not None:
                 log_w += (twist - prev_twist).view(B, N)
                 prev_twist = twist
+            if path is not None:
+                path.reached(prev_twist)
             index = None
             if k > 0:
                 trace.ess[:, k - 1] = ess(log_w)
@@ -182,13 +194,20 @@ class SMCSampler:
                     ctx.x_t = x
                     if self.cache:  # the cache's rows must follow their ancestors
                         base_lp, index = network.reorder(index), None
+            x_from = x
             x, increment = self._propagate(ctx, base_lp, index)
             log_w += increment.view(B, N)
+            if path is not None:
+                path.add(x_from, x, plan, prev_twist)
         final = self.potential.final_twist(x)
         if final is not None:
             log_w += (final - prev_twist).view(B, N)
+            prev_twist = final
         nfe = network.evaluations / (B * N) + extra_evals
-        return trace.finish(x.view(B, N, -1), log_w, nfe)
+        out = trace.finish(x.view(B, N, -1), log_w, nfe)
+        if path is not None:
+            out.path = path.finish(prev_twist)
+        return out
 
     def _resample(
         self, log_w: Tensor, chosen: Tensor, rows: RowGenerators, trace: _Trace, k: int
@@ -350,6 +369,38 @@ def _gumbel_at(ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor) 
     torch.index_select(flat, 0, rows_at, out=rows)
     u = ctx.scratch.get("uniforms", (M, V), torch.float64, where.device)
     return gumbel_max(rows, ctx.rand_at(where, (V,), out=u), overwrite_u=True)
+
+
+class _PathRecorder:
+    """Collects ``SMCPath`` transitions; ``twist_to`` of a step is the next twist computed for
+    its output (before any resample), or the final twist."""
+
+    def __init__(self) -> None:
+        self.x_from, self.x_to, self.t, self.step, self.tw_from, self.tw_to = [], [], [], [], [], []
+
+    def add(self, x_from: Tensor, x_to: Tensor, plan: StepPlan, twist_from: Tensor) -> None:
+        self.x_from.append(x_from)
+        self.x_to.append(x_to)
+        self.t.append(plan.t)
+        self.step.append(plan.step)
+        self.tw_from.append(twist_from)
+
+    def reached(self, twist: Tensor) -> None:
+        """The twist of the last recorded output (pre-resample), once it is known."""
+        if len(self.tw_to) < len(self.tw_from):
+            self.tw_to.append(twist)
+
+    def finish(self, final_twist: Tensor) -> SMCPath:
+        self.reached(final_twist)
+        device = self.x_to[-1].device
+        return SMCPath(
+            torch.stack(self.x_from),
+            torch.stack(self.x_to),
+            torch.tensor(self.t, dtype=torch.float32, device=device),
+            torch.tensor(self.step, dtype=torch.long, device=device),
+            torch.stack(self.tw_from),
+            torch.stack(self.tw_to),
+        )
 
 
 @dataclass

@@ -441,7 +441,7 @@ class _RefCache:
 
 
 class _ReferenceSampler(SMCSampler):
-    def _run(self, x, plans, cond, rows):
+    def _run(self, x, plans, cond, rows, record_path=False):
         from lightning_smc.sampler import _Trace
 
         B, N, T = len(rows), self.num_particles, len(plans)

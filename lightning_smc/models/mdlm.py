@@ -231,6 +231,9 @@ class _Backbone(nn.Module):
 class MDLMDenoiser(nn.Module):
     """``ls.Denoiser``: ``(x_t [B, L], t [B]) -> log p_theta(x0 | x_t) [B, L, vocab_size]`` (SUBS)."""
 
+    #: default LoRA targets (``LoRADenoiser``): attention and MLP of every DiT block
+    lora_target_modules = ("attn_qkv", "attn_out", "mlp.0", "mlp.2")
+
     def __init__(self, config: MDLMConfig | None = None, **fields: Any):
         super().__init__()
         if config is not None and fields:

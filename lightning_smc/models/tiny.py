@@ -17,6 +17,9 @@ __all__ = ["TinyTransformerDenoiser"]
 
 
 class TinyTransformerDenoiser(nn.Module):
+    #: default LoRA targets (``LoRADenoiser``): the feed-forward layers and the output head
+    lora_target_modules = ("linear1", "linear2", "head")
+
     def __init__(
         self,
         vocab_size: int,

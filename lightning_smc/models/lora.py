@@ -1,0 +1,175 @@
+"""``LoRADenoiser``: the amortized proposal ``q_phi`` — a base denoiser with a peft LoRA adapter.
+
+The base network's weights are frozen and *shared*: peft injects the adapter into the base
+module in place, so after wrapping, the base module itself computes ``q_phi``. Evaluate
+``p_theta`` through ``lora.base_denoiser``, a view that runs the same module with the adapter
+disabled (peft's ``disable_adapter``). A freshly initialised adapter (``lora_B = 0``) gives
+exactly the base logits.
+
+Adapters are saved in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``)
+plus ``lsmc_adapter.json``, which records the base model's vocabulary, mask id and a fingerprint
+of its weights; ``LoRADenoiser.from_adapter`` refuses an adapter trained for another base::
+
+    q = LoRADenoiser(MDLMDenoiser.from_pretrained(path), rank=8)
+    sampler = SMCSampler(q.base_denoiser, proposal=DenoiserProposal(q), potential=...)
+    q.save_adapter("adapter/")
+    q2 = LoRADenoiser.from_adapter(MDLMDenoiser.from_pretrained(path), "adapter/")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoRADenoiser", "weights_fingerprint"]
+
+ADAPTER_META = "lsmc_adapter.json"
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of ``module``'s state dict (hex, 16 chars)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def default_target_modules(base: nn.Module) -> list[str]:
+    targets = getattr(base, "lora_target_modules", None)
+    if targets is None:
+        raise ValueError(
+            f"{type(base).__name__} declares no default LoRA target modules; pass "
+            "target_modules=[...] (names of its nn.Linear submodules, e.g. 'attn_qkv')"
+        )
+    return list(targets)
+
+
+class _AdapterDisabled:
+    """``p_theta``: the shared base module evaluated with the adapter switched off."""
+
+    def __init__(self, lora: LoRADenoiser):
+        self._lora = lora
+        self.vocab_size, self.mask_id = lora.vocab_size, lora.mask_id
+        self.time_conditioning = lora.time_conditioning
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        with self._lora.peft.disable_adapter():
+            return self._lora.peft(x_t, t, cond)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self._lora.parameters()
+
+
+class LoRADenoiser(nn.Module):
+    """``q_phi``: ``base`` with a LoRA adapter of ``rank`` / ``alpha`` on ``target_modules``.
+
+    Args:
+        base: an ``nn.Module`` denoiser (modified in place by peft; see the module docstring).
+        rank, alpha, dropout: LoRA hyper-parameters (``alpha / rank`` scales the update).
+        target_modules: names (suffixes) of ``nn.Linear`` submodules to adapt; default: the
+            model's ``lora_target_modules`` (MDLM: attention ``attn_qkv``, ``attn_out`` and
+            the MLP ``mlp.0``, ``mlp.2``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        target_modules: Sequence[str] | None = None,
+        dropout: float = 0.0,
+        _peft_model: Any = None,
+        _fingerprint: str | None = None,
+    ):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        self.vocab_size, self.mask_id = base.vocab_size, base.mask_id
+        self.time_conditioning = bool(getattr(base, "time_conditioning", False)) or bool(
+            getattr(getattr(base, "config", None), "time_conditioning", False)
+        )
+        self.base_fingerprint = _fingerprint or weights_fingerprint(base)
+        self.base_class = type(base).__name__
+        if _peft_model is None:
+            config = LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                target_modules=list(target_modules or default_target_modules(base)),
+                bias="none",
+            )
+            try:
+                _peft_model = get_peft_model(base, config)
+            except ValueError as err:
+                raise ValueError(
+                    f"LoRA target_modules={config.target_modules} do not fit {self.base_class}: {err}"
+                ) from err
+        self.peft = _peft_model
+        self.base_denoiser = _AdapterDisabled(self)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.peft(x_t, t, cond)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.peft.named_parameters() if "lora_" in n]
+
+    # ------------------------------------------------------------------ persistence
+    def save_adapter(self, directory: str | Path) -> Path:
+        """peft's ``save_pretrained`` plus ``lsmc_adapter.json`` (vocabulary and base fingerprint)."""
+        directory = Path(directory)
+        self.peft.save_pretrained(str(directory))
+        meta = {
+            "base_class": self.base_class,
+            "base_fingerprint": self.base_fingerprint,
+            "vocab_size": self.vocab_size,
+            "mask_id": self.mask_id,
+        }
+        (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_adapter(
+        cls, base: nn.Module, directory: str | Path, trainable: bool = False
+    ) -> LoRADenoiser:
+        """Load an adapter saved by ``save_adapter`` onto ``base``; a different base is an error."""
+        from peft import PeftModel
+
+        directory = Path(directory)
+        meta_path = directory / ADAPTER_META
+        if not (directory / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a peft adapter folder (no adapter_config.json)"
+            )
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{directory} has no {ADAPTER_META}; it was not saved by LoRADenoiser.save_adapter, "
+                "so its base model cannot be checked"
+            )
+        meta = json.loads(meta_path.read_text())
+        for field, value in (("vocab_size", base.vocab_size), ("mask_id", base.mask_id)):
+            if meta[field] != value:
+                raise ValueError(
+                    f"adapter {directory} was trained for a base with {field}={meta[field]}, but "
+                    f"this base has {field}={value}; load it onto the model it was trained for"
+                )
+        fingerprint = weights_fingerprint(base)
+        if meta["base_fingerprint"] != fingerprint:
+            raise ValueError(
+                f"adapter {directory} was trained on a different base model (weights fingerprint "
+                f"{meta['base_fingerprint']}, this base {fingerprint}, class {type(base).__name__}); "
+                "load it onto the checkpoint it was trained on"
+            )
+        model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+        return cls(base, _peft_model=model, _fingerprint=fingerprint)
