@@ -1,0 +1,385 @@
+"""Training the amortized proposal (SMCamot): a LoRA adapter ``q_phi`` and ``F_psi(t)``.
+
+Target: the reward tilt ``p_theta(x) exp(r(x) / alpha)`` with twist ``log gamma_t = lambda_t
+r_hat(x_t) / alpha`` (``potentials.RewardTilt``). For a transition ``x_t -> x_s`` that commits
+tokens at positions ``C``,
+
+    log w = log gamma_s(x_s) - log gamma_t(x_t) + sum_{i in C} [log p_theta(x_s^i | x_t)
+                                                             - log q_phi(x_s^i | x_t)]
+
+and the log-variance loss is ``E[(log w - F_psi(t))^2]`` over transitions drawn from a
+reference distribution that does not depend on the parameters: rollouts of the **shared
+sampler** with ``q_phi`` as its proposal, under stop-gradient (on-policy), or transitions from a
+replay buffer of earlier rollouts. If ``q_phi`` is the locally optimal proposal
+``p_theta(x_s | x_t) gamma_s(x_s) / E_p[gamma_s | x_t]`` and the twist is consistent, every
+``log w`` is zero and so is the loss. ``F_psi`` absorbs per-time offsets ("per_step": one scalar
+per step, or "mlp": a small MLP in ``t``). An optional ``kl_weight`` adds
+``KL(q_phi || p_theta)`` at the masked positions.
+
+Only the adapter and ``F_psi`` are trained; the base weights are frozen and shared (the adapter
+is switched off to evaluate ``p_theta``). Each training step's randomness is derived from
+``(seed, global_step, rank)``, and the replay buffer is part of the checkpoint, so training
+resumes exactly. At the end of fitting the adapter is written in peft's format (plus
+``F_psi`` and the base fingerprint) to ``export_dir`` (default ``<default_root_dir>/adapter``),
+ready for ``DenoiserProposal`` through ``LoRADenoiser.from_adapter``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..context import denoiser_log_probs
+from ..models.lora import LoRADenoiser
+from ..output import SMCPath
+from ..potentials import RewardTilt
+from ..proposals import DenoiserProposal
+from ..sampler import SMCSampler
+from ..smc import derive_seed
+
+__all__ = [
+    "AmortizedProposalModule",
+    "LogNormalizer",
+    "log_variance_loss",
+    "transition_log_weights",
+]
+
+
+class LogNormalizer(nn.Module):
+    """``F_psi``: a learned log-normalizer per transition time.
+
+    ``kind="per_step"``: one scalar per step index (``num_steps`` of them, zero-initialised);
+    ``kind="mlp"``: ``MLP(sin/cos features of t)`` with a zero-initialised output layer."""
+
+    def __init__(self, num_steps: int, kind: str = "per_step", hidden: int = 32):
+        super().__init__()
+        if kind not in ("per_step", "mlp"):
+            raise ValueError(f"F_psi kind must be 'per_step' or 'mlp', got {kind!r}")
+        self.kind, self.num_steps = kind, num_steps
+        if kind == "per_step":
+            self.values = nn.Parameter(torch.zeros(num_steps))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(8, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, step: Tensor, t: Tensor) -> Tensor:
+        if self.kind == "per_step":
+            if int(step.max()) >= self.num_steps:
+                raise ValueError(
+                    f"step {int(step.max())} is beyond F_psi's {self.num_steps} per-step values"
+                )
+            return self.values[step]
+        freqs = torch.arange(1, 5, device=t.device, dtype=torch.float32) * math.pi
+        angles = t.float().unsqueeze(-1) * freqs
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], -1)).squeeze(-1)
+
+
+def transition_log_weights(
+    path: SMCPath,
+    base: Any,
+    proposal: Any,
+    mask_id: int,
+    cond: Any = None,
+    kl: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``log w [K, R]`` of the ``K`` transitions in ``path`` (float64; differentiable in the
+    proposal's parameters, not in the base's), and the mean ``KL(q || p)`` over the masked
+    positions of each transition ``[K, R]`` when ``kl``.
+
+    ``base`` and ``proposal`` are denoisers; ``cond`` is per row ``[R, ...]`` (or ``None``)."""
+    K, R, Lq = path.x_from.shape
+    x_from = path.x_from.reshape(K * R, Lq)
+    x_to = path.x_to.reshape(K * R, Lq)
+    t = path.t.to(x_from.device).repeat_interleave(R)
+    rows_cond = _repeat_cond(cond, K)
+    with torch.no_grad():
+        log_p = denoiser_log_probs(base(x_from, t, rows_cond), mask_id)
+    log_q = denoiser_log_probs(proposal(x_from, t, rows_cond), mask_id)
+    committed = (x_from == mask_id) & (x_to != mask_id)
+    index = x_to.clamp_max(log_p.shape[-1] - 1).unsqueeze(-1)
+    step_p = log_p.gather(-1, index).squeeze(-1).double()
+    step_q = log_q.gather(-1, index).squeeze(-1).double()
+    zero = torch.zeros((), dtype=torch.float64, device=x_from.device)
+    log_ratio = torch.where(committed, step_p - step_q, zero).sum(-1)
+    log_w = (path.twist_to - path.twist_from).reshape(-1) + log_ratio
+    if not torch.isfinite(log_w).all():
+        raise ValueError(
+            "a transition has a non-finite log-weight: the proposal gives zero probability to a "
+            "token the rollout committed (or the base does); check that rollouts came from this "
+            "proposal at temperature 1 and top_p 1"
+        )
+    divergence = None
+    if kl:
+        masked = x_from == mask_id
+        q = log_q.exp()
+        terms = torch.where(q > 0, q * (log_q - log_p.clamp_min(-1e4)), torch.zeros_like(q))
+        per_pos = terms.sum(-1)
+        divergence = (per_pos * masked).sum(-1) / masked.sum(-1).clamp_min(1)
+        divergence = divergence.reshape(K, R)
+    return log_w.reshape(K, R), divergence
+
+
+def log_variance_loss(log_w: Tensor, log_normalizer: Tensor) -> Tensor:
+    """``mean((log w - F_psi(t))^2)`` with ``log_normalizer`` broadcast over rows ``[K, 1]``."""
+    return ((log_w - log_normalizer.to(log_w.dtype)) ** 2).mean()
+
+
+def _repeat_cond(cond: Any, times: int) -> Any:
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond.repeat(times, *([1] * (cond.dim() - 1)))
+    raise TypeError("AmortizedProposalModule supports cond=None or a per-row tensor")
+
+
+#: integer keys of ``derive_seed`` for each source of randomness
+_STAGES = {"train": 0, "transitions": 1, "val": 2}
+
+
+class _Steps(Dataset):
+    """``steps_per_epoch`` indices: training needs no data, only fresh rollouts."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class AmortizedProposalModule(L.LightningModule):
+    """Train ``q_phi`` (LoRA on the base denoiser) and ``F_psi`` with the log-variance loss.
+
+    Args:
+        base: a checkpoint folder (``"embedded"``: the packaged model) or a denoiser module.
+        reward: an ``ls.Reward`` (any, not necessarily differentiable).
+        alpha, schedule, twist_samples: the ``RewardTilt`` target and its twist.
+        seq_len, num_steps, unmasking: the rollouts (``num_steps`` transitions each).
+        rollouts: sequences per training step; ``rollout_particles`` > 1 draws them with SMC
+            resampling (each row still a path of the recorded transitions).
+        transitions: transitions per rollout used in the loss (sampled steps; ``None``: all).
+        lora_rank, lora_alpha, target_modules, lora_dropout: the adapter.
+        log_normalizer: ``F_psi`` kind, ``"per_step"`` or ``"mlp"``.
+        lr, normalizer_lr: learning rates of the adapter and of ``F_psi``.
+        kl_weight: weight of ``KL(q_phi || p_theta)``.
+        replay_size: 0 trains on-policy; > 0 keeps that many recent rollouts and draws every
+            step's transitions uniformly from them.
+        steps_per_epoch, seed: loop length per epoch and the seed of all randomness.
+        export_dir: where ``on_fit_end`` writes the adapter (default ``<root>/adapter``).
+    """
+
+    def __init__(
+        self,
+        base: Any = "embedded",
+        reward: Any = None,
+        alpha: float = 0.1,
+        schedule: str = "linear",
+        twist_samples: int = 1,
+        seq_len: int = 64,
+        num_steps: int = 32,
+        unmasking: str = "ancestral",
+        rollouts: int = 8,
+        rollout_particles: int = 1,
+        transitions: int | None = 8,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        target_modules: Sequence[str] | None = None,
+        lora_dropout: float = 0.0,
+        log_normalizer: str = "per_step",
+        lr: float = 1e-4,
+        normalizer_lr: float = 1e-2,
+        kl_weight: float = 0.0,
+        replay_size: int = 0,
+        steps_per_epoch: int = 100,
+        seed: int = 0,
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        if reward is None:
+            raise ValueError("AmortizedProposalModule needs reward= (an ls.Reward)")
+        for name, value in (("rollouts", rollouts), ("num_steps", num_steps), ("seq_len", seq_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if transitions is not None and transitions < 1:
+            raise ValueError(f"transitions must be >= 1 or null (all), got {transitions}")
+        if replay_size < 0 or kl_weight < 0:
+            raise ValueError("replay_size and kl_weight must be >= 0")
+        self.save_hyperparameters(ignore=["reward", "base"])
+        self.base_source = base
+        denoiser = self._load_base(base)
+        for p in denoiser.parameters():
+            p.requires_grad_(False)
+        self.q = LoRADenoiser(denoiser, lora_rank, lora_alpha, target_modules, lora_dropout)
+        self.f_psi = LogNormalizer(num_steps, log_normalizer)
+        self.reward = reward
+        self.tilt = RewardTilt(reward, alpha=alpha, schedule=schedule, num_samples=twist_samples)
+        self.replay: list[SMCPath] = []
+
+    @staticmethod
+    def _load_base(base: Any) -> nn.Module:
+        if isinstance(base, nn.Module):
+            return base
+        from ..pretrained import load_checkpoint
+
+        return load_checkpoint(base)[0]
+
+    # ------------------------------------------------------------------ sampling
+    def rollout_sampler(self, num_particles: int | None = None) -> SMCSampler:
+        """The shared sampler drawing from ``q_phi`` under the tilt (temperature 1, exact)."""
+        hp = self.hparams
+        return SMCSampler(
+            self.q.base_denoiser,
+            num_particles=num_particles or hp.rollout_particles,
+            num_steps=hp.num_steps,
+            unmasking=hp.unmasking,
+            potential=self.tilt,
+            proposal=DenoiserProposal(self.q),
+        )
+
+    def _generator(
+        self, stage: str, step: int | None = None, device: Any = "cpu"
+    ) -> torch.Generator:
+        """Randomness of ``stage`` at ``step`` (default: the global step) on this rank."""
+        step = self.global_step if step is None else step
+        seed = derive_seed(self.hparams.seed, _STAGES[stage], step, self.global_rank)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def rollout(self, stage: str = "train", step: int | None = None) -> SMCPath:
+        """``rollouts`` sequences from the shared sampler with ``q_phi`` (no gradient)."""
+        hp = self.hparams
+        was_training = self.q.training
+        self.q.eval()
+        try:
+            out = self.rollout_sampler().sample(
+                hp.seq_len,
+                batch_size=max(hp.rollouts // hp.rollout_particles, 1),
+                generator=self._generator(stage, step, self.device),
+                device=self.device,
+                record_path=True,
+            )
+        finally:
+            self.q.train(was_training)
+        return out.path
+
+    # ------------------------------------------------------------------ loss
+    def loss_on(self, path: SMCPath) -> dict[str, Tensor]:
+        log_w, kl = transition_log_weights(
+            path,
+            self.q.base_denoiser,
+            self.q,
+            self.q.mask_id,
+            kl=self.hparams.kl_weight > 0,
+        )
+        offset = self.f_psi(path.step.to(self.device), path.t.to(self.device)).unsqueeze(1)
+        loss = log_variance_loss(log_w, offset)
+        out = {"log_variance": loss.detach(), "log_w_var": log_w.detach().var(dim=1).mean()}
+        if kl is not None:
+            out["kl"] = kl.mean().detach()
+            loss = loss + self.hparams.kl_weight * kl.mean()
+        out["loss"] = loss
+        return out
+
+    def _pick_transitions(self, path: SMCPath) -> SMCPath:
+        """On-policy: ``transitions`` random steps of the fresh rollout. With a replay buffer the
+        rollout joins the buffer and the rows are drawn uniformly from all buffered rollouts."""
+        hp = self.hparams
+        g = self._generator("transitions")
+        if hp.replay_size:
+            self.replay.append(path.to("cpu"))
+            del self.replay[: -hp.replay_size]
+            pool = _concat_rows(self.replay)
+            rows = torch.randperm(pool.x_from.shape[1], generator=g)[: path.x_from.shape[1]]
+            path = _rows(pool, rows).to(self.device)
+        T = path.x_from.shape[0]
+        if hp.transitions is None or hp.transitions >= T:
+            return path
+        steps = torch.randperm(T, generator=g)[: hp.transitions].sort().values
+        return path.select(steps.to(path.x_from.device))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        path = self._pick_transitions(self.rollout("train"))
+        terms = self.loss_on(path)
+        for name, value in terms.items():
+            self.log(
+                f"train/{name}", value, prog_bar=name == "loss", batch_size=self.hparams.rollouts
+            )
+        return terms["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        path = self.rollout("val", step=batch_idx)  # the same seeds at every validation
+        terms = self.loss_on(path)
+        self.log("val/log_variance", terms["log_variance"], batch_size=self.hparams.rollouts)
+        self.log("val/log_w_var", terms["log_w_var"], batch_size=self.hparams.rollouts)
+
+    # ------------------------------------------------------------------ loop plumbing
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Steps(self.hparams.steps_per_epoch), batch_size=1)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Steps(1), batch_size=1)
+
+    def configure_optimizers(self):
+        adapter = self.q.adapter_parameters()
+        if not adapter:
+            raise ValueError("the LoRA adapter has no parameters; check target_modules")
+        return torch.optim.AdamW(
+            [
+                {"params": adapter, "lr": self.hparams.lr},
+                {"params": list(self.f_psi.parameters()), "lr": self.hparams.normalizer_lr},
+            ],
+            weight_decay=0.0,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["replay"] = [vars(p) for p in self.replay]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.replay = [SMCPath(**p) for p in checkpoint.get("replay", [])]
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
+            root = self.hparams.export_dir or Path(self.trainer.default_root_dir) / "adapter"
+            self.save_adapter(root)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """The adapter (peft format) and ``F_psi`` (``f_psi.safetensors``) in ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = self.q.save_adapter(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.f_psi.state_dict().items()}
+        save_file(state, str(Path(directory) / "f_psi.safetensors"))
+        return Path(directory)
+
+
+def _concat_rows(paths: list[SMCPath]) -> SMCPath:
+    """Rollouts of the same plan side by side (rows concatenated)."""
+    first = paths[0]
+    return SMCPath(
+        torch.cat([p.x_from for p in paths], 1),
+        torch.cat([p.x_to for p in paths], 1),
+        first.t,
+        first.step,
+        torch.cat([p.twist_from for p in paths], 1),
+        torch.cat([p.twist_to for p in paths], 1),
+    )
+
+
+def _rows(path: SMCPath, rows: Tensor) -> SMCPath:
+    return SMCPath(
+        path.x_from[:, rows],
+        path.x_to[:, rows],
+        path.t,
+        path.step,
+        path.twist_from[:, rows],
+        path.twist_to[:, rows],
+    )

@@ -1,0 +1,292 @@
+"""SMCamot: the LoRA proposal, ``F_psi`` and the log-variance training module (issue 4)."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from exact import L as LEN
+from exact import enumerate_states, estimate, max_z_score, toy_joint, z_of_normalizer
+
+import lightning_smc as ls
+from lightning_smc.models import LoRADenoiser, MDLMDenoiser
+from lightning_smc.modules.amortized import (
+    AmortizedProposalModule,
+    log_variance_loss,
+    transition_log_weights,
+)
+
+ALPHA = 0.5
+
+
+def reward_fn(x):
+    return (x == 2).double().sum(-1) - 0.7 * (x[..., 0] == x[..., -1]).double()
+
+
+def small_mdlm(seed=0):
+    torch.manual_seed(seed)
+    model = MDLMDenoiser(
+        vocab_size=20, model_length=8, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=2
+    ).eval()
+    with torch.no_grad():  # MDLM zero-initialises its output and adaLN layers: randomise all
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def perturb(lora: LoRADenoiser, std=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def inputs(seed=0, vocab=20, length=8, batch=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab - 1, (batch, length), generator=g)
+    x[torch.rand(batch, length, generator=g) < 0.5] = vocab - 1
+    return x, torch.rand(batch, generator=g)
+
+
+# ---------------------------------------------------------------------------- LoRA invariants
+def test_zero_initialised_adapter_gives_exactly_the_base_logits():
+    base = small_mdlm()
+    x, t = inputs()
+    reference = base(x, t)
+    lora = LoRADenoiser(base, rank=4)
+    assert torch.equal(lora(x, t), reference)
+    assert torch.equal(lora.base_denoiser(x, t), reference)
+
+
+def test_disabled_adapter_gives_the_base_logits_and_enabled_differs():
+    base = small_mdlm()
+    x, t = inputs()
+    reference = base(x, t)
+    lora = LoRADenoiser(base, rank=4)
+    perturb(lora)
+    assert torch.equal(lora.base_denoiser(x, t), reference)
+    assert not torch.allclose(lora(x, t), reference)
+
+
+def test_only_adapter_and_f_psi_receive_gradients():
+    module = AmortizedProposalModule(
+        small_mdlm(), reward_fn, alpha=ALPHA, seq_len=8, num_steps=4, rollouts=4, lora_rank=2
+    )
+    perturb(module.q)
+    module.loss_on(module.rollout())["loss"].backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert with_grad and with_grad <= trainable
+    assert all("lora_" in n or n.startswith("f_psi.") for n in trainable)
+    assert any(n.startswith("f_psi.") for n in with_grad)
+    assert any("lora_A" in n for n in with_grad) and any("lora_B" in n for n in with_grad)
+
+
+def test_saved_adapter_reloads_to_identical_logits(tmp_path):
+    lora = LoRADenoiser(small_mdlm(), rank=4)
+    perturb(lora)
+    lora.save_adapter(tmp_path / "adapter")
+    x, t = inputs(1)
+    reloaded = LoRADenoiser.from_adapter(small_mdlm(), tmp_path / "adapter")
+    assert torch.equal(reloaded(x, t), lora(x, t))
+    assert torch.equal(reloaded.base_denoiser(x, t), small_mdlm()(x, t))
+
+
+def test_adapter_for_another_base_or_vocabulary_is_refused(tmp_path):
+    lora = LoRADenoiser(small_mdlm(), rank=4)
+    lora.save_adapter(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="different base model"):
+        LoRADenoiser.from_adapter(small_mdlm(seed=5), tmp_path / "adapter")
+    other_vocab = MDLMDenoiser(
+        vocab_size=30, model_length=8, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=2
+    )
+    with pytest.raises(ValueError, match="vocab_size=20"):
+        LoRADenoiser.from_adapter(other_vocab, tmp_path / "adapter")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        LoRADenoiser.from_adapter(small_mdlm(), tmp_path)
+    with pytest.raises(ValueError, match="target_modules"):
+        LoRADenoiser(small_mdlm(), target_modules=["no_such_layer"])
+
+
+# ---------------------------------------------------------------------------- exact toy
+class ExactTwist(ls.Potential):
+    """The consistent twist ``gamma_t(x_t) = E_p0[exp(r / alpha) | x_t]`` by enumeration."""
+
+    def __init__(self, p0):
+        self.states = enumerate_states()
+        self.joint = p0.flatten()
+        self.tilt = torch.exp(reward_fn(self.states) / ALPHA)
+
+    def twist(self, ctx, base_log_probs):
+        x = ctx.x_t
+        consistent = ((x.unsqueeze(1) == ctx.mask_id) | (x.unsqueeze(1) == self.states)).all(-1)
+        mass = consistent * self.joint
+        return torch.log((mass * self.tilt).sum(-1) / mass.sum(-1))
+
+    def final_twist(self, x0):
+        return reward_fn(x0) / ALPHA
+
+
+def toy_paths(p0, proposal, batch=256, seed=0):
+    sampler = ls.SMCSampler(
+        ls.ExactDenoiser(p0),
+        num_particles=1,
+        num_steps=LEN,
+        unmasking="random",
+        potential=ExactTwist(p0),
+        proposal=ls.DenoiserProposal(proposal),
+    )
+    return sampler.sample(
+        seq_len=LEN,
+        batch_size=batch,
+        generator=torch.Generator().manual_seed(seed),
+        record_path=True,
+    )
+
+
+def test_log_variance_loss_is_zero_for_the_optimal_proposal():
+    p0 = toy_joint(12)
+    base = ls.ExactDenoiser(p0)
+    optimal = ls.ExactDenoiser(p0 * torch.exp(reward_fn(enumerate_states()) / ALPHA).view(p0.shape))
+    out = toy_paths(p0, optimal)
+    log_w, _ = transition_log_weights(out.path, base, optimal, base.mask_id)
+    assert log_w.abs().max() < 1e-9
+    assert float(log_variance_loss(log_w, torch.zeros(LEN, 1))) < 1e-18
+    # the same loss is far from zero for the base proposal (the test has power)
+    out = toy_paths(p0, base)
+    log_w, _ = transition_log_weights(out.path, base, base, base.mask_id)
+    assert float(log_w.var(dim=1).mean()) > 0.05
+
+
+def test_transition_log_weights_add_up_to_the_samplers_log_normalizer():
+    """With one particle, log Ẑ = initial twist + the sum of the transitions' log-weights."""
+    p0, q0 = toy_joint(13), toy_joint(14, sharpness=1.0)
+    base, proposal = ls.ExactDenoiser(p0), ls.ExactDenoiser(q0)
+    out = toy_paths(p0, proposal)
+    log_w, _ = transition_log_weights(out.path, base, proposal, base.mask_id)
+    total = out.path.twist_from[0] + log_w.sum(0)
+    torch.testing.assert_close(total, out.log_normalizer, rtol=0, atol=1e-9)
+
+
+def test_perturbed_lora_proposal_hits_the_exact_tilted_target():
+    p0 = toy_joint(15)
+    torch.manual_seed(0)
+    q = LoRADenoiser(ls.TinyTransformerDenoiser(4, max_len=LEN, d_model=16, n_layers=1), rank=2)
+    perturb(q, std=0.5)
+    sampler = ls.SMCSampler(
+        ls.ExactDenoiser(p0),
+        num_particles=8,
+        num_steps=LEN,
+        unmasking="random",
+        potential=ls.RewardTilt(reward_fn, alpha=ALPHA, schedule="linear"),
+        proposal=ls.DenoiserProposal(q),
+    )
+    out = sampler.sample(seq_len=LEN, batch_size=3000, generator=torch.Generator().manual_seed(0))
+    target = p0.flatten() * torch.exp(reward_fn(enumerate_states()) / ALPHA)
+    pi_hat, se = estimate(out)
+    n = 3000 * 8
+    assert max_z_score(pi_hat, se, target, n) < 4.5
+    assert max_z_score(pi_hat, se, p0.flatten(), n) > 9.0
+    assert z_of_normalizer(out, float(target.sum())) < 4.5
+
+
+# ---------------------------------------------------------------------------- training
+def toy_module(**overrides):
+    torch.manual_seed(0)
+    base = ls.TinyTransformerDenoiser(6, max_len=6, d_model=32, n_layers=1)
+    kwargs = dict(
+        alpha=ALPHA,
+        twist_samples=0,
+        seq_len=6,
+        num_steps=6,
+        rollouts=16,
+        transitions=None,
+        lora_rank=4,
+        lr=3e-2,
+        normalizer_lr=5e-2,
+        steps_per_epoch=30,
+        seed=3,
+    )
+    kwargs.update(overrides)
+    return AmortizedProposalModule(base, lambda x: (x == 2).double().sum(-1), **kwargs)
+
+
+def trainer(tmp_path, **kwargs):
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        **kwargs,
+    )
+
+
+def squared_errors(module, rollouts=256):
+    """Per-transition ``(log w - F)^2`` on fresh rollouts (fixed seed), as a flat sample."""
+    module.hparams.rollouts = rollouts
+    with torch.no_grad():
+        path = module.rollout("val", step=7)
+        log_w, _ = transition_log_weights(path, module.q.base_denoiser, module.q, module.q.mask_id)
+        offset = module.f_psi(path.step, path.t).unsqueeze(1).double()
+    module.hparams.rollouts = 16
+    return ((log_w - offset) ** 2).flatten()
+
+
+def test_training_drives_the_log_weight_variance_down(tmp_path):
+    module = toy_module()
+    before = squared_errors(module)
+    trainer(tmp_path, max_steps=40, enable_checkpointing=False).fit(module)
+    after = squared_errors(module)
+    # the decrease must exceed 4 standard errors of the difference of the two sample means
+    se = math.sqrt(before.var() / before.numel() + after.var() / after.numel())
+    assert float(before.mean() - after.mean()) > 4 * se, (float(before.mean()), float(after.mean()))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "f_psi.safetensors").is_file()
+
+
+@pytest.mark.parametrize("replay_size", [0, 3], ids=["on-policy", "replay"])
+def test_training_resumes_exactly(tmp_path, replay_size):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps, ckpt=None, every=None):
+        module = toy_module(replay_size=replay_size, transitions=3)
+        callbacks = []
+        if every:
+            callbacks.append(
+                ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)
+            )
+        trainer(
+            tmp_path, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=bool(every)
+        ).fit(module, ckpt_path=ckpt)
+        return module
+
+    straight = fit(4)
+    fit(2, every=2)
+    (ckpt,) = (tmp_path / "ckpt").glob("*step=2*.ckpt")
+    resumed = fit(4, ckpt=str(ckpt))
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    if replay_size:
+        assert len(resumed.replay) == 3
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        toy_module(alpha=0.0)
+    with pytest.raises(ValueError, match="needs reward"):
+        AmortizedProposalModule(ls.TinyTransformerDenoiser(6, max_len=6), None)
+    with pytest.raises(ValueError, match="F_psi kind"):
+        toy_module(log_normalizer="table")
+    module = toy_module()
+    module.reward = module.tilt.reward = lambda x: torch.full((x.shape[0],), float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        module.rollout()
+    module.tilt.reward = lambda x: torch.zeros(x.shape[0], 2)
+    with pytest.raises(ValueError, match="one score per sequence"):
+        module.rollout()
