@@ -9,15 +9,35 @@ Public surface (DESIGN.md §4)::
 """
 
 from .models.base import Denoiser, ExactDenoiser
+from .models.lora import LoRADenoiser
 from .models.tiny import TinyTransformerDenoiser
 from .output import SMCOutput
 from .potentials import Potential, ProductTarget, RewardTilt, SelfReward
 from .proposals import DenoiserProposal, GradientProposal, Proposal
-from .rewards import Reward
+from .rewards import (
+    AfinnSentiment,
+    BaseReward,
+    HFClassifierReward,
+    LearnedReward,
+    ProfanityToxicity,
+    Reward,
+    TextReward,
+    VaderSentiment,
+    WordListToxicity,
+)
 from .sampler import SMCSampler
 from .smc import derive_seed
 
 __all__ = [
+    "AfinnSentiment",
+    "BaseReward",
+    "HFClassifierReward",
+    "LearnedReward",
+    "LoRADenoiser",
+    "ProfanityToxicity",
+    "TextReward",
+    "VaderSentiment",
+    "WordListToxicity",
     "Denoiser",
     "DenoiserProposal",
     "ExactDenoiser",

@@ -47,7 +47,9 @@ class SaveConfigToRootDir(SaveConfigCallback):
         if trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / self.config_filename
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+            self.parser.save(
+                self.config, path, skip_none=False, overwrite=True, multifile=self.multifile
+            )
         self.already_saved = True
 
 
@@ -57,12 +59,18 @@ class SMCLightningCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         # Checkpoints beside the run (Lightning would otherwise nest them under the logger's dir).
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.link_arguments(
+            "trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir
+        )
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
     def after_fit(self) -> None:
         denoiser = getattr(self.model, "denoiser", None)
-        if denoiser is None or not hasattr(denoiser, "save_pretrained") or not self.trainer.is_global_zero:
+        if (
+            denoiser is None
+            or not hasattr(denoiser, "save_pretrained")
+            or not self.trainer.is_global_zero
+        ):
             return
         out = Path(self.trainer.default_root_dir) / "hf"
         denoiser.save_pretrained(out)
@@ -79,9 +87,8 @@ def main(argv: list[str] | None = None) -> SMCLightningCLI:
     os.environ.setdefault("WANDB_MODE", "offline")
     return SMCLightningCLI(
         pl.LightningModule,
-        pl.LightningDataModule,
+        None,  # any LightningDataModule, or none: modules that roll out the sampler make their own
         subclass_mode_model=True,
-        subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToRootDir,
         args=argv,

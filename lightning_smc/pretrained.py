@@ -2,6 +2,7 @@
 
 ``resolve_checkpoint("embedded")`` is the model that ships with the package
 (``lightning_smc/assets/mdlm_tiny``); any other value is a folder path.
+``resolve_adapter("embedded")`` is the amortized sentiment proposal trained for it.
 ``load_checkpoint(path)`` returns ``(denoiser, tokenizer spec)`` and checks that they agree.
 """
 
@@ -9,14 +10,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["EMBEDDED", "load_checkpoint", "resolve_checkpoint"]
+__all__ = [
+    "EMBEDDED",
+    "EMBEDDED_ADAPTER",
+    "load_checkpoint",
+    "resolve_adapter",
+    "resolve_checkpoint",
+]
 
 EMBEDDED = Path(__file__).resolve().parent / "assets" / "mdlm_tiny"
+#: the amortized sentiment proposal (LoRA) of the embedded model, trained by configs/quickstart.yaml
+EMBEDDED_ADAPTER = Path(__file__).resolve().parent / "assets" / "sentiment_adapter_tiny"
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """``"embedded"`` -> the packaged model folder; anything else -> ``Path(name_or_path)``."""
     return EMBEDDED if str(name_or_path) == "embedded" else Path(name_or_path)
+
+
+def resolve_adapter(name_or_path: str | Path) -> Path:
+    """``"embedded"`` -> the packaged LoRA adapter of the embedded model; else the folder."""
+    return EMBEDDED_ADAPTER if str(name_or_path) == "embedded" else Path(name_or_path)
 
 
 def load_checkpoint(path: str | Path):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -70,6 +71,17 @@ class DenoiserProposal:
     def __init__(self, denoiser: Denoiser, correct: bool = True):
         self.denoiser = denoiser
         self.correct = correct
+
+    @classmethod
+    def from_adapter(cls, base: Any, adapter: str | Path, correct: bool = True) -> DenoiserProposal:
+        """SMCamot: the LoRA adapter saved at ``adapter`` (peft format, written by
+        ``AmortizedProposalModule``) on ``base``. peft adapts ``base`` in place, so pass a copy if
+        the sampler also uses ``base`` as ``p_theta`` (or use ``proposal.denoiser.base_denoiser``,
+        the same module with the adapter switched off). An adapter trained for another base
+        model or vocabulary is refused."""
+        from .models.lora import LoRADenoiser
+
+        return cls(LoRADenoiser.from_adapter(base, adapter), correct=correct)
 
     def __call__(self, ctx: StepContext, base_log_probs: Tensor) -> Tensor:
         logits = self.denoiser(ctx.x_t, ctx.t, ctx.cond)

@@ -16,6 +16,7 @@ the resampling events and ``log Ẑ`` next to the exact ``log Z``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -72,8 +73,6 @@ def build(
 
 def decode(x: torch.Tensor) -> str:
     return "".join(ALPHABET[int(i)] for i in x)
-
-
 
 
 def run_toy(args: argparse.Namespace, console: Console) -> None:
@@ -151,7 +150,28 @@ def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
     print_trace(console, out)
 
 
+def run_config(argv: list[str], console: Console) -> None:
+    """``--config FILE [--method.num_particles 4 ...]``: a method config (``configs/methods``)."""
+    from .methods import load_method_config, run_method
+
+    run = load_method_config(None, argv)
+    result = run_method(run, progress_bar=True)
+    threshold = getattr(run.reward, "success_threshold", None)
+    table = Table(title=f"{run.method.name}: {run.num_samples} samples, seq_len {run.seq_len}")
+    summary = result.summary(threshold)
+    for key in summary:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{v:.4g}" for v in summary.values()))
+    for text in result.texts[:4]:
+        console.print(f"[dim]-[/dim] {text}")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        run_config(argv, Console())
+        return
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from lightning_smc.export import export
@@ -11,7 +12,8 @@ from lightning_smc.models import MDLMDenoiser
 from lightning_smc.sample import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# Method configs (configs/methods/) are sampling configs, smoke-run by tests/test_methods.py.
+CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if "methods" not in c.parts)
 # Real configs shrunk to CPU size (the at-scale ones point at hub data and GPUs).
 SMOKE = ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
          "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.num_nodes", "1",
@@ -19,6 +21,30 @@ SMOKE = ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--train
          "--data.init_args.num_workers", "0",
          "--data.init_args.max_documents", "4", "--data.init_args.vocab_size", "300",
          "--data.init_args.batch_size", "2", "--data.init_args.seq_len", "32"]
+# Reward configs keep their base model's tokenizer (its vocabulary is the reward's): no BPE.
+REWARD_SMOKE = [x for flag, value in zip(SMOKE[::2], SMOKE[1::2], strict=True)
+                if flag not in {"--data.init_args.tokenizer", "--data.init_args.vocab_size"}
+                for x in (flag, value)]
+
+
+_VADER = {"class_path": "lightning_smc.rewards.VaderSentiment", "init_args": {"tokenizer": "embedded"}}
+AMORTIZED_SHRINK = ["--model.init_args.base", "embedded", "--model.init_args.seq_len", "8",
+                    "--model.init_args.num_steps", "4", "--model.init_args.rollouts", "2",
+                    "--model.init_args.transitions", "2"]
+
+
+def offline_copy(config: Path, tmp_path: Path) -> Path:
+    """The at-scale amortized config with its hub model and classifiers swapped for embedded
+    ones (everything else, e.g. the trainer, LoRA and evaluation settings, is kept)."""
+    data = yaml.safe_load(config.read_text())
+    model = data["model"]["init_args"]
+    model["base"], model["reward"], model["target_modules"] = "embedded", _VADER, None
+    for callback in data["trainer"].get("callbacks", []):
+        if callback["class_path"].endswith("RewardEvaluation"):
+            callback["init_args"]["holdout"] = None
+    copy = tmp_path / config.name
+    copy.write_text(yaml.safe_dump(data))
+    return copy
 
 
 def test_configs_exist():
@@ -31,8 +57,19 @@ def test_config_smoke_runs(config, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     shrink = ["--model.init_args.denoiser.init_args.vocab_size", "300",
               "--model.init_args.denoiser.init_args.model_length", "32"]
-    cli = main(["fit", "--config", str(config), *SMOKE, *shrink])
+    smoke = SMOKE
+    if config.parent.name == "reward":  # a learned reward on a base model's tokenizer: no denoiser
+        smoke, shrink = REWARD_SMOKE, []
+    if config.name == "quickstart.yaml" or config.parent.name == "amortized":
+        smoke, shrink = SMOKE[:12], AMORTIZED_SHRINK  # rollouts of the sampler: no data module
+        if "kuleshov-group" in config.read_text():  # at scale: hub model and classifiers
+            config = offline_copy(config, tmp_path)
+    cli = main(["fit", "--config", str(config), *smoke, *shrink])
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    for callback in cli.trainer.callbacks:  # evaluation callbacks ran (smoke-sized) at validation
+        if type(callback).__name__ == "RewardEvaluation":
+            (results,) = callback.history
+            assert set(results) == {"step"} | {m.name for m in callback.methods}
 
 
 def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):

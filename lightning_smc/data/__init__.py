@@ -54,3 +54,8 @@ __all__ = [
     "train_bpe",
     "wrap_bpe",
 ]
+
+# Learned-reward data (issue 4): corpus chunks labelled by a text scorer.
+from .reward import LabelledChunks, RewardDataModule  # noqa: E402
+
+__all__ += ["LabelledChunks", "RewardDataModule"]

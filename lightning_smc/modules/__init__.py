@@ -1,5 +1,14 @@
-"""Lightning orchestration: training modules (``MDLMPretraining``)."""
+"""Lightning orchestration: training modules (``MDLMPretraining``, ``RewardModelModule``,
+``AmortizedProposalModule``)."""
 
+from .amortized import AmortizedProposalModule, LogNormalizer
 from .pretrain import MDLMPretraining, masked_diffusion_loss
+from .reward_model import RewardModelModule
 
-__all__ = ["MDLMPretraining", "masked_diffusion_loss"]
+__all__ = [
+    "AmortizedProposalModule",
+    "LogNormalizer",
+    "MDLMPretraining",
+    "RewardModelModule",
+    "masked_diffusion_loss",
+]

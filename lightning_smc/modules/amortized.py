@@ -41,6 +41,7 @@ from ..models.lora import LoRADenoiser
 from ..output import SMCPath
 from ..potentials import RewardTilt
 from ..proposals import DenoiserProposal
+from ..rewards import BaseReward
 from ..sampler import SMCSampler
 from ..smc import derive_seed
 
@@ -181,7 +182,7 @@ class AmortizedProposalModule(L.LightningModule):
     def __init__(
         self,
         base: Any = "embedded",
-        reward: Any = None,
+        reward: BaseReward | None = None,
         alpha: float = 0.1,
         schedule: str = "linear",
         twist_samples: int = 1,
@@ -229,9 +230,10 @@ class AmortizedProposalModule(L.LightningModule):
     def _load_base(base: Any) -> nn.Module:
         if isinstance(base, nn.Module):
             return base
-        from ..pretrained import load_checkpoint
+        from ..models.mdlm import MDLMDenoiser
+        from ..pretrained import resolve_checkpoint
 
-        return load_checkpoint(base)[0]
+        return MDLMDenoiser.from_pretrained(resolve_checkpoint(base)).eval()
 
     # ------------------------------------------------------------------ sampling
     def rollout_sampler(self, num_particles: int | None = None) -> SMCSampler:

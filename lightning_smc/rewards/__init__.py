@@ -1,5 +1,49 @@
-"""Rewards ``r(x0) -> [B]`` over token ids (the ``ls.Reward`` protocol) and their validation."""
+"""Rewards ``r(x0) -> [B]`` over token ids (the ``ls.Reward`` protocol) and their validation.
 
-from .base import Reward, check_reward_output
+``base``     the ``Reward`` protocol and ``check_reward_output`` (shape ``[B]``, finite, float64)
+``text``     ``TextReward`` (decode with the diffusion model's tokenizer, score strings):
+             ``VaderSentiment``, ``AfinnSentiment`` (sentiment), ``ProfanityToxicity``,
+             ``WordListToxicity`` (toxicity)
+``hf``       ``HFClassifierReward``: any Hugging Face sequence classifier
+``learned``  ``LearnedReward``: a differentiable reward on the model's vocabulary (ids or soft
+             one-hots ``[B, L, V]``), HF-style ``save_pretrained`` / ``from_pretrained``;
+             ``PretrainedLearnedReward(path)`` loads one from YAML configs
 
-__all__ = ["Reward", "check_reward_output"]
+A reward with ``differentiable = True`` also accepts soft one-hot inputs (SMCgrad).
+"""
+
+from .base import BaseReward, Reward, check_reward_output
+from .hf import HFClassifierReward
+from .learned import (
+    EMBEDDED_SENTIMENT_REWARD,
+    LearnedReward,
+    LearnedRewardConfig,
+    PretrainedLearnedReward,
+)
+from .text import (
+    EMBEDDED_MODEL,
+    AfinnSentiment,
+    ProfanityToxicity,
+    TextReward,
+    VaderSentiment,
+    WordListToxicity,
+    resolve_tokenizer,
+)
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "EMBEDDED_SENTIMENT_REWARD",
+    "AfinnSentiment",
+    "BaseReward",
+    "HFClassifierReward",
+    "LearnedReward",
+    "LearnedRewardConfig",
+    "PretrainedLearnedReward",
+    "ProfanityToxicity",
+    "Reward",
+    "TextReward",
+    "VaderSentiment",
+    "WordListToxicity",
+    "check_reward_output",
+    "resolve_tokenizer",
+]

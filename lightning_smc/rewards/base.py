@@ -13,12 +13,24 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["Reward", "check_reward_output"]
+__all__ = ["BaseReward", "Reward", "check_reward_output"]
 
 
 @runtime_checkable
 class Reward(Protocol):
     def __call__(self, x0: Tensor) -> Tensor: ...
+
+
+class BaseReward:
+    """Base class of the packaged rewards: what configs name as ``class_path`` for a reward.
+
+    Any callable ``x0 [B, L] -> [B]`` is a ``Reward`` in Python; subclass ``BaseReward`` to make
+    your own reward selectable from YAML configs (``reward: {class_path: my.Reward}``)."""
+
+    differentiable: bool = False
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 def check_reward_output(reward: object, value: Tensor, batch: int) -> Tensor:
