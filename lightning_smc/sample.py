@@ -113,7 +113,10 @@ def print_trace(console: Console, out) -> None:
 
 
 def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
-    denoiser, spec = load_checkpoint(Path(args.checkpoint))
+    try:
+        denoiser, spec = load_checkpoint(Path(args.checkpoint))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--checkpoint: {err}") from err
     potential = SelfReward() if args.method == "srsmc" else None
     if args.method == "tilt":
         raise ValueError("--method tilt needs a reward; it is available with --toy only for now")

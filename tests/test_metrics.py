@@ -1,0 +1,318 @@
+"""Text metrics: generative perplexity, unigram entropy, Dist-n, and their DDP reduction.
+
+The perplexity arithmetic is checked on a tiny GPT-2 with a word-level tokenizer, both built
+here and saved with ``save_pretrained``; the embedded SmolLM2 scorer is checked for a sensible
+ordering (English < shuffled English).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_smc.metrics import (
+    DistinctN,
+    GenerativePerplexity,
+    UnigramEntropy,
+    distinct_n,
+    load_scorer,
+    smollm2_gguf_path,
+    unigram_entropy,
+)
+
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "and",
+    "looked",
+    "out",
+    "of",
+    "window",
+    "a",
+    "dog",
+    "ran",
+]
+SENTENCE = "The cat sat on the mat and looked out of the window."
+
+
+def build_tiny_lm(directory: Path, bos: bool = True) -> Path:
+    """A 1-layer GPT-2 and a word-level tokenizer (with or without ``<s>``) saved in ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>"] if bos else ["<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>" if bos else None
+    )
+    torch.manual_seed(0)
+    special = 1 if bos else 0
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=special,
+        eos_token_id=special,
+    )
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def nll_by_hand(directory: Path, ids: list[int]) -> torch.Tensor:
+    """NLL of each of ``ids[1:]`` given its prefix, from the model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    log_probs = torch.log_softmax(logits[:-1], dim=-1)
+    return -log_probs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_perplexity_equals_exp_mean_nll_by_hand(tiny_lm):
+    lm, tokenizer = load_scorer(str(tiny_lm))
+    text = "the cat sat on the mat"
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == 1 and len(ids) == 7  # BOS is prepended, every word is scored
+    expected = nll_by_hand(tiny_lm, ids)
+
+    metric = GenerativePerplexity(str(tiny_lm))
+    metric.update([text])
+    assert int(metric.num_tokens) == 6
+    assert metric.compute().item() == pytest.approx(math.exp(expected.mean().item()), rel=1e-5)
+    assert metric.sample_nll([text]).item() == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_token_weighted_aggregation_over_updates(tiny_lm):
+    texts = ["the cat", "a dog ran out of the window and looked", "the mat"]
+    split = GenerativePerplexity(str(tiny_lm), batch_size=2)
+    split.update(texts[:1])
+    split.update(texts[1:])
+    once = GenerativePerplexity(str(tiny_lm), batch_size=8)
+    once.update(texts)
+    assert split.compute().item() == pytest.approx(once.compute().item(), rel=1e-9)
+
+    # token-weighted, not the mean of per-text NLLs; padding in a batch changes nothing
+    per_text = GenerativePerplexity(str(tiny_lm), batch_size=1).sample_nll(texts)
+    assert torch.allclose(per_text, once.sample_nll(texts), rtol=1e-5)
+    counts = torch.tensor([2.0, 9.0, 2.0], dtype=torch.float64)
+    weighted = (per_text * counts).sum() / counts.sum()
+    assert once.compute().item() == pytest.approx(math.exp(weighted.item()), rel=1e-5)
+    assert once.compute().item() != pytest.approx(math.exp(per_text.mean().item()), rel=1e-3)
+
+
+def test_empty_texts_truncation_and_no_bos(tiny_lm, tmp_path):
+    metric = GenerativePerplexity(str(tiny_lm))
+    metric.update(["", "the cat sat"])
+    assert (int(metric.num_texts), int(metric.num_skipped), int(metric.num_tokens)) == (1, 1, 3)
+    assert math.isfinite(metric.compute().item())
+    with pytest.raises(ValueError, match="indices \\[0\\]"):
+        metric.sample_nll(["", "the cat"])
+    with pytest.raises(ValueError, match="no token was scored"):
+        only_empty = GenerativePerplexity(str(tiny_lm))
+        only_empty.update([""])
+        only_empty.compute()
+
+    long_text = " ".join(WORDS * 3)  # 39 words, beyond the 16 positions of the tiny model
+    assert len(metric.encode([long_text])[0]) == 16
+    short = GenerativePerplexity(str(tiny_lm), max_length=4)
+    short.update([long_text])
+    assert int(short.num_tokens) == 3
+
+    no_bos = build_tiny_lm(tmp_path / "no_bos", bos=False)
+    plain = GenerativePerplexity(str(no_bos))
+    plain.update(["the cat sat", "dog"])  # without BOS the first token is not scored
+    assert (int(plain.num_tokens), int(plain.num_skipped)) == (2, 1)
+
+
+def test_scorer_is_loaded_once_per_process(tiny_lm):
+    a, b = GenerativePerplexity(str(tiny_lm)), GenerativePerplexity(str(tiny_lm))
+    assert a.scorer[0] is b.scorer[0]
+    assert a.clone().scorer[0] is a.scorer[0]
+    assert not any(k.startswith("scorer") for k in a.state_dict())  # the LM is not a submodule
+
+
+def test_unloadable_scorer_names_it(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(OSError, match="no_such_model"):
+        GenerativePerplexity(str(missing)).update(["the cat"])
+    empty_dir = tmp_path / "empty_model_dir"
+    empty_dir.mkdir()
+    with pytest.raises(OSError, match="empty_model_dir"):
+        GenerativePerplexity(str(empty_dir)).update(["the cat"])
+
+
+def test_smollm2_prefers_english_to_shuffled_words():
+    assert smollm2_gguf_path().is_file()
+    words = SENTENCE.rstrip(".").split()
+    random.Random(0).shuffle(words)
+    shuffled = " ".join(words) + "."
+    metric = GenerativePerplexity("smollm2")
+    start = time.perf_counter()
+    metric.scorer  # noqa: B018  (load, offline)
+    load_seconds = time.perf_counter() - start
+    nll = metric.sample_nll([SENTENCE, shuffled])
+    print(f"SmolLM2 load {load_seconds:.1f} s; perplexity {nll.exp().tolist()}")
+    assert torch.isfinite(nll).all()
+    assert nll[0] < nll[1]
+    metric.update([SENTENCE])
+    assert metric.compute().item() == pytest.approx(nll[0].exp().item(), rel=1e-6)
+
+
+def test_unigram_entropy_known_values():
+    assert unigram_entropy([1, 1, 2, 2]) == pytest.approx(math.log(2))
+    assert unigram_entropy(torch.tensor([7, 7, 7])) == 0.0
+    assert unigram_entropy(torch.tensor([1, 2, 3, 4])) == pytest.approx(math.log(4))
+    assert unigram_entropy(torch.tensor([5, 5, 6, 6, 0, 0]), ignore_ids=[0]) == pytest.approx(
+        math.log(2)
+    )
+    # counts 2, 1, 1 of 4: -(1/2 log 1/2 + 2 * 1/4 log 1/4) = 1.5 log 2
+    assert unigram_entropy([3, 3, 1, 2]) == pytest.approx(1.5 * math.log(2))
+    assert unigram_entropy("to be or not to be") == pytest.approx(
+        unigram_entropy([1, 2, 3, 4, 1, 2])
+    )
+    with pytest.raises(ValueError):
+        unigram_entropy([])
+
+    metric = UnigramEntropy(ignore_ids=[0])
+    metric.update(torch.tensor([[1, 1, 2, 2], [4, 4, 4, 0], [0, 0, 0, 0]]))
+    assert int(metric.num_skipped) == 1
+    assert metric.compute().item() == pytest.approx(math.log(2) / 2)
+
+
+def test_distinct_n_known_values():
+    texts = ["the cat saw the cat", "the dog"]
+    # unigrams: the cat saw the cat the dog -> 4 distinct of 7
+    assert distinct_n(texts, 1) == pytest.approx(4 / 7)
+    # bigrams: (the cat) (cat saw) (saw the) (the cat) | (the dog) -> 4 distinct of 5
+    assert distinct_n(texts, 2) == pytest.approx(4 / 5)
+    # trigrams: (the cat saw) (cat saw the) (saw the cat) -> 3 of 3; none crosses samples
+    assert distinct_n(texts, 3) == 1.0
+    assert distinct_n(torch.tensor([[1, 2, 1, 2], [1, 2, 3, 0]]), 2, ignore_ids=[0]) == 0.6
+    assert distinct_n([[1, 2, 1, 2]], 1) == distinct_n([1, 2, 1, 2], 1) == 0.5
+    with pytest.raises(ValueError, match="no 3-gram"):
+        distinct_n(["a b"], 3)
+
+    for n in (1, 2, 3):
+        metric = DistinctN(n)
+        metric.update(texts[:1])
+        metric.update(texts[1:])
+        assert metric.compute().item() == pytest.approx(distinct_n(texts, n))
+
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran out of the window",
+    "the cat looked out of the window",
+    "",
+    "the mat and the dog",
+]
+IDS = torch.tensor([[1, 1, 2, 3], [4, 4, 4, 4], [1, 2, 3, 4], [2, 2, 2, 0]])
+
+
+def make_metrics(model_dir: str, **kwargs) -> dict:
+    return {
+        "ppl": GenerativePerplexity(model_dir, batch_size=2, **kwargs),
+        "entropy": UnigramEntropy(ignore_ids=[0], **kwargs),
+        **{f"dist{n}": DistinctN(n, **kwargs) for n in (1, 2, 3)},
+        "dist2_ids": DistinctN(2, **kwargs),
+    }
+
+
+def feed(metrics: dict, texts: list[str], ids: torch.Tensor) -> None:
+    for name, metric in metrics.items():
+        metric.update(ids if name in ("entropy", "dist2_ids") else texts)
+
+
+def test_merged_halves_equal_one_instance(tiny_lm):
+    whole, left, right = (make_metrics(str(tiny_lm)) for _ in range(3))
+    feed(whole, TEXTS, IDS)
+    feed(left, TEXTS[:2], IDS[:2])
+    feed(right, TEXTS[2:], IDS[2:])
+    for name, metric in whole.items():
+        left[name].merge_state(right[name])
+        assert left[name].compute().item() == pytest.approx(metric.compute().item(), rel=1e-9)
+
+
+DDP_WORKER = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from test_metrics import IDS, TEXTS, feed, make_metrics
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+texts, ids = (TEXTS[:2], IDS[:2]) if rank == 0 else (TEXTS[2:], IDS[2:])
+metrics, local = make_metrics(sys.argv[1]), make_metrics(sys.argv[1], sync_on_compute=False)
+feed(metrics, texts, ids)
+feed(local, texts, ids)
+values = {name: metric.compute().item() for name, metric in metrics.items()}
+values["local"] = {name: metric.compute().item() for name, metric in local.items()}
+if rank == 0:
+    with open(sys.argv[2], "w") as f:
+        json.dump(values, f)
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_two_process_gloo_sync_equals_one_instance(tiny_lm, tmp_path):
+    """Two processes each update on half the data; torchmetrics' DDP sync gives the whole."""
+    whole = make_metrics(str(tiny_lm))
+    feed(whole, TEXTS, IDS)
+    out = tmp_path / "values.json"
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "OMP_NUM_THREADS": "1",
+        }
+        args = [
+            sys.executable,
+            "-c",
+            DDP_WORKER,
+            str(tiny_lm),
+            str(out),
+            str(Path(__file__).parent),
+        ]
+        procs.append(subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+    values = json.loads(out.read_text())
+    for name, metric in whole.items():
+        assert values[name] == pytest.approx(metric.compute().item(), rel=1e-9), name
+        # rank 0's own half alone gives another value: the match above comes from the sync
+        assert values["local"][name] != pytest.approx(metric.compute().item(), rel=1e-6), name
