@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--num_samples", str(args.num_samples), "--seed", str(args.seed)]
     if args.steps is not None:
         common += ["--method.num_steps", str(args.steps)]
-    runs = [("base sampler (N=1)", "best_of_n", ["--method.num_particles", "1",
-                                                  "--method.name", "base"])]
+    runs = [
+        (
+            "base sampler (N=1)",
+            "best_of_n",
+            ["--method.num_particles", "1", "--method.name", "base"],
+        )
+    ]
     runs += [(None, name, ["--method.num_particles", str(args.particles)]) for name in METHODS]
     rows = []
     for label, name, extra in runs:

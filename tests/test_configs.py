@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from lightning_smc.export import export
 from lightning_smc.fit import main
