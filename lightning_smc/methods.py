@@ -194,6 +194,7 @@ class MethodRun:
     holdout: Any
     guide: Any
     tokenizer: str | None
+    prompts: str | None
     seq_len: int
     num_samples: int
     batch_size: int
@@ -212,6 +213,7 @@ def method_parser():
     parser.add_argument("--holdout", type=BaseReward | None, default=None)
     parser.add_argument("--guide", type=BaseReward | None, default=None)
     parser.add_argument("--tokenizer", type=str | None, default=None)
+    parser.add_argument("--prompts", type=str | None, default=None)
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--num_samples", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -242,6 +244,7 @@ def load_method_config(path: str | Path | None = None, overrides: list[str] = ()
         holdout=config.holdout,
         guide=config.guide,
         tokenizer=config.tokenizer,
+        prompts=config.prompts,
         seq_len=config.seq_len,
         num_samples=config.num_samples,
         batch_size=config.batch_size,
@@ -300,20 +303,24 @@ def run_method(
         run.method, denoiser, run.reward, progress_bar=progress_bar, guide=run.guide
     )
     device = next(iter(denoiser.parameters())).device if hasattr(denoiser, "parameters") else None
+    prompts = read_prompts(run.prompts, tokenizer, run.seq_len) if run.prompts else None
+    num_samples = len(prompts) if prompts is not None else run.num_samples
     tokens, log_z, ess, nfe = [], [], [], []
     start = time.perf_counter()
-    for first in range(0, run.num_samples, run.batch_size):
-        ids = range(first, min(first + run.batch_size, run.num_samples))
+    for ids in _batches(prompts, num_samples, run.batch_size):
         generators = [
             torch.Generator(device=device or "cpu").manual_seed(derive_seed(run.seed, i))
             for i in ids
         ]
-        out = sampler.sample(run.seq_len, generator=generators, device=device)
+        prompt = None
+        if prompts is not None and prompts[ids[0]]:
+            prompt = torch.tensor([prompts[i] for i in ids], dtype=torch.long)
+        out = sampler.sample(run.seq_len, prompt=prompt, generator=generators, device=device)
         tokens.append(answers(out, run.method, run.reward))
         log_z.append(out.log_normalizer)
         ess.append(out.ess.mean(-1) / run.method.num_particles)
         nfe.append(out.nfe * len(ids))
-    seconds = (time.perf_counter() - start) / run.num_samples
+    seconds = (time.perf_counter() - start) / num_samples
     x = torch.cat(tokens)
 
     def score(scorer):
@@ -332,9 +339,46 @@ def run_method(
         score(run.holdout),
         torch.cat(log_z),
         float(torch.cat(ess).mean()),
-        sum(nfe) / run.num_samples,
+        sum(nfe) / num_samples,
         seconds,
     )
+
+
+def read_prompts(path: str | Path, tokenizer: Any, seq_len: int) -> list[list[int]]:
+    """Token ids of each line of the prompt file ``path`` (blank lines are prompts too: an
+    empty prefix). Errors name the file and line: missing file, no lines, a prompt that leaves
+    nothing to generate within ``seq_len``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts: {path} is not a file")
+    lines = path.read_text().splitlines()
+    if not lines:
+        raise ValueError(f"prompts: {path} is empty; write one prompt per line")
+    if tokenizer is None:
+        raise ValueError("prompts need a tokenizer to encode them (tokenizer: ...)")
+    encoded = []
+    for number, line in enumerate(lines, 1):
+        ids = tokenizer.encode(line, add_special_tokens=False) if line else []
+        if len(ids) >= seq_len:
+            raise ValueError(
+                f"prompts: {path} line {number} is {len(ids)} tokens, which leaves nothing to "
+                f"generate with seq_len={seq_len}; shorten it or raise seq_len"
+            )
+        encoded.append(ids)
+    return encoded
+
+
+def _batches(prompts: list[list[int]] | None, num_samples: int, batch_size: int):
+    """Index ranges of at most ``batch_size`` consecutive samples whose prompts have equal
+    length (the sampler fixes the first ``P`` tokens of a batch)."""
+    first = 0
+    while first < num_samples:
+        last = min(first + batch_size, num_samples)
+        if prompts is not None:
+            width = len(prompts[first])
+            last = next((i for i in range(first, last) if len(prompts[i]) != width), last)
+        yield range(first, last)
+        first = last
 
 
 def _load_model(run: MethodRun, tokenizer: Any):

@@ -16,6 +16,7 @@ the resampling events and ``log Ẑ`` next to the exact ``log Z``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -153,26 +154,110 @@ def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
     print_trace(console, out)
 
 
-def run_config(argv: list[str], console: Console) -> None:
-    """``--config FILE [--method.num_particles 4 ...]``: a method config (``configs/methods``)."""
+def run_config(argv: list[str], console: Console) -> dict[str, dict[str, float]]:
+    """``--config FILE [overrides]`` or ``--compare A.yaml B.yaml ... [overrides]``: method
+    configs (``configs/methods``) on the same prompts and seeds. Writes ``samples.jsonl`` (one
+    line per answer: method, index, text, tokens, reward, holdout, log Ẑ, unigram entropy) and
+    ``summary.json`` into ``--out`` (default ``outputs/sample``) and prints one table."""
     from .methods import load_method_config, run_method
+    from .metrics import distinct_n, unigram_entropy
 
-    run = load_method_config(None, argv)
-    result = run_method(run, progress_bar=True)
-    threshold = getattr(run.reward, "success_threshold", None)
-    table = Table(title=f"{run.method.name}: {run.num_samples} samples, seq_len {run.seq_len}")
-    summary = result.summary(threshold)
-    for key in summary:
+    argv, out_dir = _pop_option(argv, "--out", "outputs/sample")
+    argv, gen_ppl = _pop_flag(argv, "--gen-ppl")
+    configs, overrides = _split_configs(argv)
+    summaries: dict[str, dict[str, float]] = {}
+    lines: list[str] = []
+    ppl = None
+    for config in configs:
+        run = load_method_config(config, overrides)
+        result = run_method(run, progress_bar=True)
+        name = result.name if result.name not in summaries else f"{result.name} ({config})"
+        entropy = [unigram_entropy(row) for row in result.tokens.tolist()]
+        summary = result.summary(getattr(run.reward, "success_threshold", None))
+        summary["entropy"] = sum(entropy) / len(entropy)
+        for n in (1, 2, 3):
+            summary[f"dist_{n}"] = distinct_n(result.texts, n)
+        if gen_ppl:
+            from .metrics import GenerativePerplexity
+
+            ppl = GenerativePerplexity()
+            ppl.update(result.texts)
+            summary["gen_ppl"] = float(ppl.compute())
+        summaries[name] = summary
+        for i, text in enumerate(result.texts):
+            record = {
+                "method": name,
+                "index": i,
+                "text": text,
+                "tokens": result.tokens[i].tolist(),
+                "log_normalizer": float(result.log_normalizer[i]),
+                "entropy": entropy[i],
+            }
+            for key in ("reward", "holdout"):
+                values = getattr(result, key)
+                if values is not None:
+                    record[key] = float(values[i])
+            lines.append(json.dumps(record))
+        for text in result.texts[:2]:
+            console.print(f"[dim]{name}:[/dim] {text!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
+    _write_atomic(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
+    keys = list(dict.fromkeys(k for row in summaries.values() for k in row))
+    table = Table(title=f"{len(configs)} method(s); samples in {out_dir / 'samples.jsonl'}")
+    table.add_column("method")
+    for key in keys:
         table.add_column(key, justify="right")
-    table.add_row(*(f"{v:.4g}" for v in summary.values()))
-    for text in result.texts[:4]:
-        console.print(f"[dim]-[/dim] {text}")
+    for name, row in summaries.items():
+        table.add_row(name, *(f"{row[k]:.4g}" if k in row else "-" for k in keys))
     console.print(table)
+    return summaries
+
+
+def _pop_option(argv: list[str], name: str, default: str) -> tuple[list[str], str]:
+    rest, value, i = [], default, 0
+    while i < len(argv):
+        if argv[i] == name and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith(name + "="):
+            value, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, value
+
+
+def _pop_flag(argv: list[str], name: str) -> tuple[list[str], bool]:
+    return [a for a in argv if a != name], name in argv
+
+
+def _split_configs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--config F`` (one) or ``--compare F1 F2 ...`` (several), and the remaining overrides."""
+    if "--compare" in argv:
+        i = argv.index("--compare")
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        configs, rest = argv[i + 1 : j], argv[:i] + argv[j:]
+        if not configs:
+            raise ValueError("--compare needs one or more method config files")
+        return configs, rest
+    rest, config = _pop_option(argv, "--config", "")
+    if not config:
+        raise ValueError("--config needs a method config file (configs/methods/...)")
+    return [config], rest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
+    if any(a in ("--config", "--compare") or a.startswith("--config=") for a in argv):
         run_config(argv, Console())
         return
     parser = argparse.ArgumentParser(

@@ -144,3 +144,35 @@ def test_bad_method_configs_are_clear_errors(tmp_path):
 def test_embedded_adapter_is_packaged():
     assert (EMBEDDED_ADAPTER / "adapter_config.json").is_file()
     assert sum(p.stat().st_size for p in EMBEDDED_ADAPTER.iterdir()) < 3 * 2**20
+
+
+def test_sample_cli_compare_writes_jsonl_and_a_summary(tmp_path):
+    from lightning_smc.sample import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("KING\nGood morrow, my lord\n")
+    configs = [str(ROOT / "configs/methods/embedded" / f) for f in ("smc_base.yaml", "srsmc.yaml")]
+    main(["--compare", *configs, "--prompts", str(prompts), "--seq_len", "12",
+          "--method.num_steps", "4", "--method.num_particles", "2", "--out", str(tmp_path / "out")])
+    records = [json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["index"]) for r in records] == [
+        ("SMCbase", 0), ("SMCbase", 1), ("SR-SMC", 0), ("SR-SMC", 1)]
+    assert all(len(r["tokens"]) == 12 and r["text"] for r in records)
+    assert records[1]["text"].startswith("Good morrow, my lord")
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert set(summary) == {"SMCbase", "SR-SMC"}
+    assert {"reward", "success", "holdout", "entropy", "dist_1", "nfe"} <= set(summary["SMCbase"])
+
+
+def test_bad_prompt_files_are_clear_errors(tmp_path):
+    config = str(ROOT / "configs/methods/embedded/smc_base.yaml")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        run_method(load_method_config(config, ["--prompts", str(empty)]))
+    long = tmp_path / "long.txt"
+    long.write_text("short\n" + "the king " * 40 + "\n")
+    with pytest.raises(ValueError, match="line 2 is .* tokens"):
+        run_method(load_method_config(config, ["--prompts", str(long), "--seq_len", "16"]))
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        run_method(load_method_config(config, ["--prompts", str(tmp_path / "none.txt")]))
