@@ -112,6 +112,29 @@ class Method:
         return asdict(self)
 
 
+def evaluations_per_step(method: Method) -> int:
+    """Denoiser evaluations per particle per step: 1, plus 1 for a second network (the
+    amortized proposal). The gradient proposal adds a reward backward pass, not a network call."""
+    return 1 + (method.proposal == "amortized")
+
+
+def match_budget(method: Method, nfe_budget: int) -> Method:
+    """``method`` with the number of steps that spends ``nfe_budget`` network evaluations per
+    answer (``num_particles * num_steps * evaluations_per_step``), so methods compare at equal
+    compute: e.g. a budget of 256 gives the base sampler 256 steps, SR-SMC with N=4 64 steps
+    and best-of-4 64 steps. A budget too small for one step per particle is an error."""
+    import dataclasses
+
+    per_step = method.num_particles * evaluations_per_step(method)
+    steps = nfe_budget // per_step
+    if steps < 1:
+        raise ValueError(
+            f"method {method.name!r}: an NFE budget of {nfe_budget} is less than one step of "
+            f"{method.num_particles} particle(s) x {evaluations_per_step(method)} evaluation(s)"
+        )
+    return dataclasses.replace(method, num_steps=steps)
+
+
 def build_sampler(
     method: Method,
     denoiser: Any,

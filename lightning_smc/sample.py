@@ -158,22 +158,28 @@ def run_config(argv: list[str], console: Console) -> dict[str, dict[str, float]]
     """``--config FILE [overrides]`` or ``--compare A.yaml B.yaml ... [overrides]``: method
     configs (``configs/methods``) on the same prompts and seeds. Writes ``samples.jsonl`` (one
     line per answer: method, index, text, tokens, reward, holdout, log Ẑ, unigram entropy) and
-    ``summary.json`` into ``--out`` (default ``outputs/sample``) and prints one table."""
-    from .methods import load_method_config, run_method
+    ``summary.json`` into ``--out`` (default ``outputs/sample``) and prints one table.
+    ``--nfe-budget B`` gives every method the steps that spend ``B`` network evaluations per
+    answer (compute-matched comparison); ``--gen-ppl`` adds SmolLM2 generative perplexity."""
+    from .methods import load_method_config, match_budget, run_method
     from .metrics import distinct_n, unigram_entropy
 
     argv, out_dir = _pop_option(argv, "--out", "outputs/sample")
     argv, gen_ppl = _pop_flag(argv, "--gen-ppl")
+    argv, budget = _pop_option(argv, "--nfe-budget", "")
     configs, overrides = _split_configs(argv)
     summaries: dict[str, dict[str, float]] = {}
     lines: list[str] = []
     ppl = None
     for config in configs:
         run = load_method_config(config, overrides)
+        if budget:  # compute-matched: steps so that particles x steps x evaluations = budget
+            run.method = match_budget(run.method, int(budget))
         result = run_method(run, progress_bar=True)
         name = result.name if result.name not in summaries else f"{result.name} ({config})"
         entropy = [unigram_entropy(row) for row in result.tokens.tolist()]
         summary = result.summary(getattr(run.reward, "success_threshold", None))
+        summary["particles"], summary["steps"] = run.method.num_particles, run.method.num_steps
         summary["entropy"] = sum(entropy) / len(entropy)
         for n in (1, 2, 3):
             summary[f"dist_{n}"] = distinct_n(result.texts, n)

@@ -152,11 +152,31 @@ def test_sample_cli_compare_writes_jsonl_and_a_summary(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("KING\nGood morrow, my lord\n")
     configs = [str(ROOT / "configs/methods/embedded" / f) for f in ("smc_base.yaml", "srsmc.yaml")]
-    main(["--compare", *configs, "--prompts", str(prompts), "--seq_len", "12",
-          "--method.num_steps", "4", "--method.num_particles", "2", "--out", str(tmp_path / "out")])
-    records = [json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()]
+    main(
+        [
+            "--compare",
+            *configs,
+            "--prompts",
+            str(prompts),
+            "--seq_len",
+            "12",
+            "--method.num_steps",
+            "4",
+            "--method.num_particles",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    records = [
+        json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()
+    ]
     assert [(r["method"], r["index"]) for r in records] == [
-        ("SMCbase", 0), ("SMCbase", 1), ("SR-SMC", 0), ("SR-SMC", 1)]
+        ("SMCbase", 0),
+        ("SMCbase", 1),
+        ("SR-SMC", 0),
+        ("SR-SMC", 1),
+    ]
     assert all(len(r["tokens"]) == 12 and r["text"] for r in records)
     assert records[1]["text"].startswith("Good morrow, my lord")
     summary = json.loads((tmp_path / "out/summary.json").read_text())
@@ -176,3 +196,17 @@ def test_bad_prompt_files_are_clear_errors(tmp_path):
         run_method(load_method_config(config, ["--prompts", str(long), "--seq_len", "16"]))
     with pytest.raises(FileNotFoundError, match="not a file"):
         run_method(load_method_config(config, ["--prompts", str(tmp_path / "none.txt")]))
+
+
+def test_compute_matched_budget_trades_steps_for_particles():
+    from lightning_smc.methods import match_budget
+
+    base = match_budget(Method(name="base", num_particles=1), 256)
+    srsmc = match_budget(Method(name="sr", num_particles=4, potential="self_reward"), 256)
+    bon = match_budget(Method(name="bon", num_particles=4, select="reward"), 256)
+    amot = match_budget(
+        Method(name="amot", num_particles=4, potential="tilt", proposal="amortized"), 256
+    )
+    assert (base.num_steps, srsmc.num_steps, bon.num_steps, amot.num_steps) == (256, 64, 64, 32)
+    with pytest.raises(ValueError, match="less than one step"):
+        match_budget(Method(num_particles=8), 4)
