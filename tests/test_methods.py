@@ -160,8 +160,8 @@ def test_sample_cli_compare_writes_jsonl_and_a_summary(tmp_path):
             str(prompts),
             "--seq_len",
             "12",
-            "--method.num_steps",
-            "4",
+            "--nfe-budget",
+            "8",
             "--method.num_particles",
             "2",
             "--out",
@@ -182,6 +182,7 @@ def test_sample_cli_compare_writes_jsonl_and_a_summary(tmp_path):
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert set(summary) == {"SMCbase", "SR-SMC"}
     assert {"reward", "success", "holdout", "entropy", "dist_1", "nfe"} <= set(summary["SMCbase"])
+    assert summary["SMCbase"]["steps"] == summary["SR-SMC"]["steps"] == 4  # 8 NFE / 2 particles
 
 
 def test_bad_prompt_files_are_clear_errors(tmp_path):
