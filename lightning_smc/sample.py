@@ -171,8 +171,8 @@ def run_config(argv: list[str], console: Console) -> dict[str, dict[str, float]]
     summaries: dict[str, dict[str, float]] = {}
     lines: list[str] = []
     ppl = None
-    for config in configs:
-        run = load_method_config(config, overrides)
+    for config, own in configs:
+        run = load_method_config(config, own + overrides)  # the command line wins
         if budget:  # compute-matched: steps so that particles x steps x evaluations = budget
             run.method = match_budget(run.method, int(budget))
         result = run_method(run, progress_bar=True)
@@ -238,8 +238,12 @@ def _pop_flag(argv: list[str], name: str) -> tuple[list[str], bool]:
     return [a for a in argv if a != name], name in argv
 
 
-def _split_configs(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``--config F`` (one) or ``--compare F1 F2 ...`` (several), and the remaining overrides."""
+def _split_configs(argv: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """``--config F`` (one method config, or a comparison file) or ``--compare F1 F2 ...``:
+    ``[(method config, its own overrides)]`` and the overrides common to all.
+
+    A comparison file (``configs/eval/*.yaml``) lists ``runs:``, each ``{config: <path relative
+    to the file>, overrides: [--key, value, ...]}``, plus optional common ``overrides:``."""
     if "--compare" in argv:
         i = argv.index("--compare")
         j = i + 1
@@ -248,11 +252,31 @@ def _split_configs(argv: list[str]) -> tuple[list[str], list[str]]:
         configs, rest = argv[i + 1 : j], argv[:i] + argv[j:]
         if not configs:
             raise ValueError("--compare needs one or more method config files")
-        return configs, rest
+        return [(c, []) for c in configs], rest
     rest, config = _pop_option(argv, "--config", "")
     if not config:
         raise ValueError("--config needs a method config file (configs/methods/...)")
-    return [config], rest
+    return _expand_comparison(Path(config)), rest
+
+
+def _expand_comparison(path: Path) -> list[tuple[str, list[str]]]:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "runs" not in data:
+        return [(str(path), [])]
+    common = [str(v) for v in data.get("overrides", [])]
+    runs = []
+    for k, entry in enumerate(data["runs"]):
+        if not isinstance(entry, dict) or "config" not in entry:
+            raise ValueError(f"{path}: runs[{k}] needs config: <method config path>")
+        config = (path.parent / entry["config"]).resolve()
+        if not config.is_file():
+            raise FileNotFoundError(f"{path}: runs[{k}].config {entry['config']} does not exist")
+        runs.append((str(config), common + [str(v) for v in entry.get("overrides", [])]))
+    return runs
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -261,11 +285,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]] | None:
+    """The CLI; with ``--config`` / ``--compare`` returns the per-method summaries."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("--config", "--compare") or a.startswith("--config=") for a in argv):
-        run_config(argv, Console())
-        return
+        return run_config(argv, Console())
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -302,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         run_toy(args, console)
     else:
         run_checkpoint(args, console)
+    return None
 
 
 if __name__ == "__main__":

@@ -12,25 +12,65 @@ from lightning_smc.models import MDLMDenoiser
 from lightning_smc.sample import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-# Method configs (configs/methods/) are sampling configs, smoke-run by tests/test_methods.py.
-CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if "methods" not in c.parts)
+# Method and comparison configs (configs/methods/, configs/eval/) are sampling configs,
+# smoke-run by tests/test_methods.py.
+CONFIGS = sorted(
+    c for c in (ROOT / "configs").rglob("*.yaml") if not {"methods", "eval"} & set(c.parts)
+)
 # Real configs shrunk to CPU size (the at-scale ones point at hub data and GPUs).
-SMOKE = ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-         "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.num_nodes", "1",
-         "--data.init_args.corpus", "shakespeare", "--data.init_args.tokenizer", "null",
-         "--data.init_args.num_workers", "0",
-         "--data.init_args.max_documents", "4", "--data.init_args.vocab_size", "300",
-         "--data.init_args.batch_size", "2", "--data.init_args.seq_len", "32"]
+SMOKE = [
+    "--trainer.fast_dev_run",
+    "1",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+    "--trainer.strategy",
+    "auto",
+    "--trainer.precision",
+    "32-true",
+    "--trainer.num_nodes",
+    "1",
+    "--data.init_args.corpus",
+    "shakespeare",
+    "--data.init_args.tokenizer",
+    "null",
+    "--data.init_args.num_workers",
+    "0",
+    "--data.init_args.max_documents",
+    "4",
+    "--data.init_args.vocab_size",
+    "300",
+    "--data.init_args.batch_size",
+    "2",
+    "--data.init_args.seq_len",
+    "32",
+]
 # Reward configs keep their base model's tokenizer (its vocabulary is the reward's): no BPE.
-REWARD_SMOKE = [x for flag, value in zip(SMOKE[::2], SMOKE[1::2], strict=True)
-                if flag not in {"--data.init_args.tokenizer", "--data.init_args.vocab_size"}
-                for x in (flag, value)]
+REWARD_SMOKE = [
+    x
+    for flag, value in zip(SMOKE[::2], SMOKE[1::2], strict=True)
+    if flag not in {"--data.init_args.tokenizer", "--data.init_args.vocab_size"}
+    for x in (flag, value)
+]
 
 
-_VADER = {"class_path": "lightning_smc.rewards.VaderSentiment", "init_args": {"tokenizer": "embedded"}}
-AMORTIZED_SHRINK = ["--model.init_args.base", "embedded", "--model.init_args.seq_len", "8",
-                    "--model.init_args.num_steps", "4", "--model.init_args.rollouts", "2",
-                    "--model.init_args.transitions", "2"]
+_VADER = {
+    "class_path": "lightning_smc.rewards.VaderSentiment",
+    "init_args": {"tokenizer": "embedded"},
+}
+AMORTIZED_SHRINK = [
+    "--model.init_args.base",
+    "embedded",
+    "--model.init_args.seq_len",
+    "8",
+    "--model.init_args.num_steps",
+    "4",
+    "--model.init_args.rollouts",
+    "2",
+    "--model.init_args.transitions",
+    "2",
+]
 
 
 def offline_copy(config: Path, tmp_path: Path) -> Path:
@@ -51,12 +91,18 @@ def test_configs_exist():
     assert CONFIGS, "configs/ holds no YAML file"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS]
+)
 def test_config_smoke_runs(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    shrink = ["--model.init_args.denoiser.init_args.vocab_size", "300",
-              "--model.init_args.denoiser.init_args.model_length", "32"]
+    shrink = [
+        "--model.init_args.denoiser.init_args.vocab_size",
+        "300",
+        "--model.init_args.denoiser.init_args.model_length",
+        "32",
+    ]
     smoke = SMOKE
     if config.parent.name == "reward":  # a learned reward on a base model's tokenizer: no denoiser
         smoke, shrink = REWARD_SMOKE, []
@@ -76,9 +122,22 @@ def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = SMOKE[2:]  # everything but fast_dev_run, which disables loggers
-    cli = main(["fit", "--config", str(ROOT / "configs/pretrain/mdlm_tiny.yaml"), *args,
-          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-          "--model.init_args.denoiser.init_args.vocab_size", "300"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/pretrain/mdlm_tiny.yaml"),
+            *args,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--model.init_args.denoiser.init_args.vocab_size",
+            "300",
+        ]
+    )
     run_dir = Path(cli.trainer.logger.experiment.dir).resolve().parent
     cli.trainer.logger.experiment.finish()  # flush this offline run to disk
     assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
@@ -89,8 +148,14 @@ def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):
     assert (run / "config.yaml").exists() and not (tmp_path / "config.yaml").exists()
     # Exporting last.ckpt gives the same model and tokenizer as fit's own export.
     export(run / "config.yaml", run / "checkpoints/last.ckpt", tmp_path / "exported")
-    a, b = MDLMDenoiser.from_pretrained(run / "hf"), MDLMDenoiser.from_pretrained(tmp_path / "exported")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    a, b = (
+        MDLMDenoiser.from_pretrained(run / "hf"),
+        MDLMDenoiser.from_pretrained(tmp_path / "exported"),
+    )
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     assert load_checkpoint(tmp_path / "exported")[1].vocab_size == a.vocab_size
 
 

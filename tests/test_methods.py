@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_smc.methods import (
     Method,
@@ -211,3 +212,27 @@ def test_compute_matched_budget_trades_steps_for_particles():
     assert (base.num_steps, srsmc.num_steps, bon.num_steps, amot.num_steps) == (256, 64, 64, 32)
     with pytest.raises(ValueError, match="less than one step"):
         match_budget(Method(num_particles=8), 4)
+
+
+EVAL_CONFIGS = sorted((ROOT / "configs" / "eval").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=[c.name for c in EVAL_CONFIGS])
+def test_comparison_config_smoke_runs(config, tmp_path):
+    from lightning_smc.sample import main
+
+    shrink = [
+        "--seq_len",
+        "8",
+        "--num_samples",
+        "2",
+        "--batch_size",
+        "2",
+        "--method.num_steps",
+        "4",
+    ]
+    summaries = main(["--config", str(config), *shrink, "--out", str(tmp_path)])
+    runs = yaml.safe_load(config.read_text())["runs"]
+    assert len(summaries) == len(runs)
+    assert all(row["steps"] == 4 for row in summaries.values())  # the command line wins
+    assert (tmp_path / "samples.jsonl").read_text().count("\n") == 2 * len(runs)
