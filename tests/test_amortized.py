@@ -1,6 +1,7 @@
 """SMCamot: the LoRA proposal, ``F_psi`` and the log-variance training module (issue 4)."""
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -290,3 +291,50 @@ def test_bad_inputs_are_clear_errors():
     module.tilt.reward = lambda x: torch.zeros(x.shape[0], 2)
     with pytest.raises(ValueError, match="one score per sequence"):
         module.rollout()
+
+
+def test_reward_evaluation_logs_tables_and_images_to_wandb(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_smc.callbacks import RewardEvaluation
+    from lightning_smc.methods import Method
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    module = toy_module(steps_per_epoch=2)
+    evaluation = RewardEvaluation(
+        [
+            Method(name="SMCbase", num_particles=2, num_steps=6, potential="tilt", alpha=ALPHA),
+            Method(
+                name="SMCamot",
+                num_particles=2,
+                num_steps=6,
+                potential="tilt",
+                alpha=ALPHA,
+                proposal="amortized",
+            ),
+        ],
+        num_prompts=3,
+    )
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="test")
+    L.Trainer(
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[evaluation],
+        max_steps=2,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(module)
+    run_dir = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    import wandb
+
+    wandb.teardown()  # leave no wandb service state behind for later runs in this process
+    history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+    for key in (b"eval/SMCbase/samples", b"eval/SMCamot/ess", b"eval/SMCamot/reward"):
+        assert key in history, key
+    media = {p.suffix for p in (run_dir / "files" / "media").rglob("*")}
+    assert {".json", ".png"} <= media  # the tables and the ESS images
+    assert (tmp_path / "eval.json").is_file() and len(evaluation.history) == 1

@@ -71,6 +71,7 @@ class RewardEvaluation(L.Callback):
         self.every, self.seed, self.guide = every_n_validations, seed, guide
         self.validations = 0
         self.history: list[dict[str, Any]] = []
+        self.last_samples: dict[str, tuple] = {}  # method -> (answers, rewards, SMCOutput)
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -87,6 +88,7 @@ class RewardEvaluation(L.Callback):
                 continue
             for key, value in row.items():
                 pl_module.log(f"eval/{name}/{key}", value, batch_size=self.num_prompts)
+        self._log_media(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run or not self.history:
@@ -140,9 +142,36 @@ class RewardEvaluation(L.Callback):
                     held = check_reward_output(self.holdout, self.holdout(x), x.shape[0])
                     row["holdout"] = float(held.mean())
                 results[method.name] = row
+                self.last_samples[method.name] = (x, scores, out)
         finally:
             pl_module.train(was_training)
         return results
+
+    def _log_media(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With a ``WandbLogger``: per method, a table of the answers (text, reward, log Ẑ) and
+        an image of the ESS traces (one line per prompt, dots where a resample followed)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not trainer.is_global_zero:
+            return
+        reward = self.reward if self.reward is not None else getattr(pl_module, "reward", None)
+        decode = getattr(reward, "decode", None)
+        for name, (x, scores, out) in self.last_samples.items():
+            texts = decode(x) if decode is not None else [" ".join(map(str, r)) for r in x.tolist()]
+            rows = [
+                [i, text, float(scores[i]), float(out.log_normalizer[i])]
+                for i, text in enumerate(texts)
+            ]
+            figure = _ess_figure(out, f"{name}: ESS after each step")
+            for logger in loggers:
+                logger.log_table(
+                    key=f"eval/{name}/samples",
+                    columns=["prompt", "text", "reward", "log_Z"],
+                    data=rows,
+                    step=trainer.global_step,
+                )
+                logger.log_image(key=f"eval/{name}/ess", images=[figure], step=trainer.global_step)
 
     @rank_zero_only
     def _report(self, root: Path) -> None:
@@ -169,6 +198,23 @@ class RewardEvaluation(L.Callback):
         tmp = root / "eval.json.tmp"
         tmp.write_text(json.dumps(self.history, indent=2) + "\n")
         tmp.replace(root / "eval.json")
+
+
+def _ess_figure(out: Any, title: str):
+    from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
+
+    figure = Figure(figsize=(5, 3))
+    axis = figure.subplots()
+    ess = out.ess.cpu().numpy()
+    for b in range(ess.shape[0]):
+        axis.plot(ess[b], lw=1)
+        resampled = out.resampled[b].cpu().numpy().nonzero()[0]
+        axis.scatter(resampled, ess[b][resampled], s=8)
+    axis.set_xlabel("step")
+    axis.set_ylabel("ESS")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
 
 
 def _fmt(value: float) -> str:
