@@ -260,19 +260,7 @@ def load_method_config(path: str | Path | None = None, overrides: list[str] = ()
             raise ValueError(
                 f"method config {path}: {key} must be class_path/init_args of a reward, got {config[key]}"
             )
-    return MethodRun(
-        method=config.method,
-        model=config.model,
-        reward=config.reward,
-        holdout=config.holdout,
-        guide=config.guide,
-        tokenizer=config.tokenizer,
-        prompts=config.prompts,
-        seq_len=config.seq_len,
-        num_samples=config.num_samples,
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )
+    return MethodRun(**{field: config[field] for field in MethodRun.__dataclass_fields__})
 
 
 @dataclass
@@ -281,7 +269,8 @@ class MethodResult:
 
     ``tokens [S, L]``, ``texts`` (decoded), ``reward`` / ``holdout [S]`` float64 (``None`` without
     that scorer), ``log_normalizer [S]``, ``ess`` (mean ESS fraction), ``nfe`` per particle
-    sequence, ``seconds`` per prompt (wall time of sampling)."""
+    sequence, ``seconds`` per prompt (wall time of sampling), and per prompt the ESS after
+    each step ``ess_trace [S, T]`` and whether a resample followed ``resampled [S, T]``."""
 
     name: str
     tokens: Tensor
@@ -292,6 +281,8 @@ class MethodResult:
     ess: float
     nfe: float
     seconds: float
+    ess_trace: Tensor
+    resampled: Tensor
 
     def summary(self, success_threshold: float | None = None) -> dict[str, float]:
         row = {"ess": self.ess, "nfe": self.nfe, "seconds": self.seconds}
@@ -305,10 +296,17 @@ class MethodResult:
 
 
 def run_method(
-    run: MethodRun, denoiser: Any = None, tokenizer: Any = None, progress_bar: bool = False
+    run: MethodRun,
+    denoiser: Any = None,
+    tokenizer: Any = None,
+    progress_bar: bool = False,
+    amortized: LoRADenoiser | None = None,
 ) -> MethodResult:
     """Sample ``run.num_samples`` answers with ``run.method`` (prompt ``i`` seeded by
-    ``derive_seed(run.seed, i)``, so answers do not depend on ``batch_size``) and score them."""
+    ``derive_seed(run.seed, i)``, so answers do not depend on ``batch_size``) and score them.
+
+    ``denoiser`` / ``tokenizer``: use these instead of loading ``run.model``; ``amortized``:
+    the LoRA proposal for ``proposal: amortized`` (see ``build_sampler``)."""
     import time
 
     import torch
@@ -323,12 +321,17 @@ def run_method(
         if unbound and tokenizer is not None:
             scorer.bind_tokenizer(tokenizer)
     sampler = build_sampler(
-        run.method, denoiser, run.reward, progress_bar=progress_bar, guide=run.guide
+        run.method,
+        denoiser,
+        run.reward,
+        amortized=amortized,
+        progress_bar=progress_bar,
+        guide=run.guide,
     )
     device = next(iter(denoiser.parameters())).device if hasattr(denoiser, "parameters") else None
     prompts = read_prompts(run.prompts, tokenizer, run.seq_len) if run.prompts else None
     num_samples = len(prompts) if prompts is not None else run.num_samples
-    tokens, log_z, ess, nfe = [], [], [], []
+    tokens, log_z, ess, nfe, traces, resampled = [], [], [], [], [], []
     start = time.perf_counter()
     for ids in _batches(prompts, num_samples, run.batch_size):
         generators = [
@@ -342,6 +345,8 @@ def run_method(
         tokens.append(answers(out, run.method, run.reward))
         log_z.append(out.log_normalizer)
         ess.append(out.ess.mean(-1) / run.method.num_particles)
+        traces.append(out.ess)
+        resampled.append(out.resampled)
         nfe.append(out.nfe * len(ids))
     seconds = (time.perf_counter() - start) / num_samples
     x = torch.cat(tokens)
@@ -364,6 +369,8 @@ def run_method(
         float(torch.cat(ess).mean()),
         sum(nfe) / num_samples,
         seconds,
+        torch.cat(traces),
+        torch.cat(resampled),
     )
 
 

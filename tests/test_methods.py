@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").rglob("*.yaml"))
 IDS = [str(c.relative_to(ROOT / "configs" / "methods")) for c in METHOD_CONFIGS]
 
+# every method config shrunk to a smoke run: 2 answers of 8 tokens in 4 steps
+SHRINK = ["--seq_len", "8", "--num_samples", "2", "--batch_size", "2", "--method.num_steps", "4"]
 EMBEDDED_SCORERS = {
     "reward": {
         "class_path": "lightning_smc.rewards.VaderSentiment",
@@ -57,14 +59,7 @@ def test_method_config_parses_and_smoke_runs(config):
     parsed = method_parser().parse_args(["--config", str(config)])  # every key is valid
     assert parsed.method.name
     overrides = [
-        "--seq_len",
-        "8",
-        "--num_samples",
-        "2",
-        "--batch_size",
-        "2",
-        "--method.num_steps",
-        "4",
+        *SHRINK,
         "--method.num_particles",
         str(min(parsed.method.num_particles, 2)),
     ]
@@ -221,17 +216,7 @@ EVAL_CONFIGS = sorted((ROOT / "configs" / "eval").rglob("*.yaml"))
 def test_comparison_config_smoke_runs(config, tmp_path):
     from lightning_smc.sample import main
 
-    shrink = [
-        "--seq_len",
-        "8",
-        "--num_samples",
-        "2",
-        "--batch_size",
-        "2",
-        "--method.num_steps",
-        "4",
-    ]
-    summaries = main(["--config", str(config), *shrink, "--out", str(tmp_path)])
+    summaries = main(["--config", str(config), *SHRINK, "--out", str(tmp_path)])
     runs = yaml.safe_load(config.read_text())["runs"]
     assert len(summaries) == len(runs)
     assert all(row["steps"] == 4 for row in summaries.values())  # the command line wins

@@ -14,17 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..methods import Method, answers, build_sampler
-from ..rewards import BaseReward, check_reward_output
-from ..smc import derive_seed
+from ..methods import Method, MethodResult, MethodRun, run_method
+from ..rewards import BaseReward
 
 __all__ = ["RewardEvaluation"]
 
@@ -71,7 +68,7 @@ class RewardEvaluation(L.Callback):
         self.every, self.seed, self.guide = every_n_validations, seed, guide
         self.validations = 0
         self.history: list[dict[str, Any]] = []
-        self.last_samples: dict[str, tuple] = {}  # method -> (answers, rewards, SMCOutput)
+        self.last_samples: dict[str, MethodResult] = {}  # the last evaluation's answers
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,40 +106,35 @@ class RewardEvaluation(L.Callback):
             threshold = getattr(reward, "success_threshold", None) or 0.0
         lora = getattr(pl_module, "q", None)
         base = lora.base_denoiser if lora is not None else pl_module.denoiser
-        seq_len = self.seq_len or pl_module.hparams.seq_len
-        num_prompts = min(self.num_prompts, 2) if smoke else self.num_prompts
+        tokenizer = getattr(getattr(reward, "spec", None), "tokenizer", None)
         results = {}
         was_training = pl_module.training
         pl_module.eval()
         try:
             for method in self.methods:
-                generators = [
-                    torch.Generator(device=pl_module.device).manual_seed(derive_seed(self.seed, i))
-                    for i in range(num_prompts)
-                ]
                 if smoke:
                     method = dataclasses.replace(
                         method,
                         num_particles=min(method.num_particles, 2),
                         num_steps=min(method.num_steps, 4),
                     )
-                sampler = build_sampler(method, base, reward, amortized=lora, guide=self.guide)
-                start = time.perf_counter()
-                out = sampler.sample(seq_len, generator=generators, device=pl_module.device)
-                x = answers(out, method, reward)
-                seconds = (time.perf_counter() - start) / num_prompts
-                scores = check_reward_output(reward, reward(x), x.shape[0])
-                row = {
-                    "reward": float(scores.mean()),
-                    "success": float((scores > threshold).double().mean()),
-                    "ess": float(out.ess.mean() / method.num_particles),
-                    "seconds": seconds,
-                }
-                if self.holdout is not None:
-                    held = check_reward_output(self.holdout, self.holdout(x), x.shape[0])
-                    row["holdout"] = float(held.mean())
-                results[method.name] = row
-                self.last_samples[method.name] = (x, scores, out)
+                num_prompts = min(self.num_prompts, 2) if smoke else self.num_prompts
+                run = MethodRun(
+                    method=method,
+                    model="(the module's)",
+                    reward=reward,
+                    holdout=self.holdout,
+                    guide=self.guide,
+                    tokenizer=None,
+                    prompts=None,
+                    seq_len=self.seq_len or pl_module.hparams.seq_len,
+                    num_samples=num_prompts,
+                    batch_size=num_prompts,
+                    seed=self.seed,
+                )
+                result = run_method(run, base, tokenizer, amortized=lora)
+                results[method.name] = result.summary(threshold)
+                self.last_samples[method.name] = result
         finally:
             pl_module.train(was_training)
         return results
@@ -155,15 +147,12 @@ class RewardEvaluation(L.Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers or not trainer.is_global_zero:
             return
-        reward = self.reward if self.reward is not None else getattr(pl_module, "reward", None)
-        decode = getattr(reward, "decode", None)
-        for name, (x, scores, out) in self.last_samples.items():
-            texts = decode(x) if decode is not None else [" ".join(map(str, r)) for r in x.tolist()]
+        for name, result in self.last_samples.items():
             rows = [
-                [i, text, float(scores[i]), float(out.log_normalizer[i])]
-                for i, text in enumerate(texts)
+                [i, text, float(result.reward[i]), float(result.log_normalizer[i])]
+                for i, text in enumerate(result.texts)
             ]
-            figure = _ess_figure(out, f"{name}: ESS after each step")
+            figure = _ess_figure(result, f"{name}: ESS after each step")
             for logger in loggers:
                 logger.log_table(
                     key=f"eval/{name}/samples",
@@ -200,15 +189,15 @@ class RewardEvaluation(L.Callback):
         tmp.replace(root / "eval.json")
 
 
-def _ess_figure(out: Any, title: str):
+def _ess_figure(result: Any, title: str):
     from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
 
     figure = Figure(figsize=(5, 3))
     axis = figure.subplots()
-    ess = out.ess.cpu().numpy()
+    ess = result.ess_trace.cpu().numpy()
     for b in range(ess.shape[0]):
         axis.plot(ess[b], lw=1)
-        resampled = out.resampled[b].cpu().numpy().nonzero()[0]
+        resampled = result.resampled[b].cpu().numpy().nonzero()[0]
         axis.scatter(resampled, ess[b][resampled], s=8)
     axis.set_xlabel("step")
     axis.set_ylabel("ESS")

@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..rewards.text import TextReward, VaderSentiment, resolve_tokenizer
 from .corpora import load_corpus
-from .packing import pack, split_indices, token_dtype
+from .packing import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    pack,
+    split_indices,
+    token_dtype,
+)
 from .tokenizer import TokenizerSpec, encode_documents, eos_id
 
 __all__ = ["LabelledChunks", "RewardDataModule"]
@@ -238,13 +244,14 @@ class RewardDataModule(L.LightningDataModule):
         return self._require(self.val_set).scores
 
     def train_dataloader(self) -> DataLoader:
-        """Full shuffled batches; the order is drawn from a generator seeded with ``seed``."""
-        return DataLoader(
-            self._require(self.train_set),
+        """Full batches in a ``(seed, epoch)``-seeded order, resumable mid-epoch (the same loader
+        as the pretraining data, ``packing.ResumableDataLoader``)."""
+        dataset = self._require(self.train_set)
+        return ResumableDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochShuffleSampler(dataset, seed=self.seed),
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
