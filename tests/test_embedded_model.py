@@ -26,10 +26,14 @@ def test_embedded_samples_are_mostly_corpus_words():
     out = sampler.sample(64, batch_size=4, generator=torch.Generator().manual_seed(0))
     assert (out.tokens != denoiser.mask_id).all()
     texts = [spec.tokenizer.decode(x[0].tolist(), skip_special_tokens=True) for x in out.tokens]
-    vocabulary = {w for doc in load_corpus("shakespeare") for w in re.findall(r"[a-z']+", doc.lower())}
+    vocabulary = {
+        w for doc in load_corpus("shakespeare") for w in re.findall(r"[a-z']+", doc.lower())
+    }
     rate, n = _word_rate(texts, vocabulary)
     g = torch.Generator().manual_seed(0)
     noise = torch.randint(0, denoiser.mask_id, (4, 64), generator=g)
-    baseline, _ = _word_rate([spec.tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in noise], vocabulary)
+    baseline, _ = _word_rate(
+        [spec.tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in noise], vocabulary
+    )
     assert n > 40
     assert rate > 0.8 and rate > baseline + 0.15, (rate, baseline, texts)

@@ -223,17 +223,31 @@ def test_threshold_policy_finishes_blocks_early_and_reports_fewer_nfe():
     "kwargs",
     [
         dict(unmasking="ancestral", num_steps=32),
-        dict(unmasking="ancestral", num_steps=32, num_particles=4, potential=ls.SelfReward(), resample_when="always"),
-        dict(unmasking="random", num_steps=32, num_particles=3,
-             potential=ls.RewardTilt(lambda x: (x == 2).double().sum(-1), alpha=1.0, num_samples=2)),
+        dict(
+            unmasking="ancestral",
+            num_steps=32,
+            num_particles=4,
+            potential=ls.SelfReward(),
+            resample_when="always",
+        ),
+        dict(
+            unmasking="random",
+            num_steps=32,
+            num_particles=3,
+            potential=ls.RewardTilt(lambda x: (x == 2).double().sum(-1), alpha=1.0, num_samples=2),
+        ),
     ],
     ids=["plain", "srsmc-resampling", "tilt"],
 )
 def test_cache_gives_identical_samples_with_fewer_evaluations(kwargs):
     p0 = toy_joint(3)
     denoiser = ls.ExactDenoiser(p0)
-    plain = ls.SMCSampler(denoiser, **kwargs).sample(L, batch_size=5, generator=torch.Generator().manual_seed(0))
-    cached = ls.SMCSampler(denoiser, cache=True, **kwargs).sample(L, batch_size=5, generator=torch.Generator().manual_seed(0))
+    plain = ls.SMCSampler(denoiser, **kwargs).sample(
+        L, batch_size=5, generator=torch.Generator().manual_seed(0)
+    )
+    cached = ls.SMCSampler(denoiser, cache=True, **kwargs).sample(
+        L, batch_size=5, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(plain.tokens, cached.tokens)
     assert torch.equal(plain.log_weights, cached.log_weights)
     assert plain.nfe == kwargs["num_steps"] and cached.nfe < plain.nfe / 2

@@ -17,9 +17,11 @@ per step, or "mlp": a small MLP in ``t``). An optional ``kl_weight`` adds
 ``KL(q_phi || p_theta)`` at the masked positions.
 
 Only the adapter and ``F_psi`` are trained; the base weights are frozen and shared (the adapter
-is switched off to evaluate ``p_theta``). Each training step's randomness is derived from
-``(seed, global_step, rank)``, and the replay buffer is part of the checkpoint, so training
-resumes exactly. At the end of fitting the adapter is written in peft's format (plus
+is switched off to evaluate ``p_theta``). Each rollout's randomness is derived from ``(seed,
+global_step, global rollout index)`` and the choice of transitions from ``(seed, global_step)``,
+so ``W`` DDP ranks drawing ``rollouts`` each compute the same loss terms as one process drawing
+``W * rollouts`` (DDP averages equal-sized per-rank means: the same gradient up to rounding).
+The replay buffer is part of the checkpoint (per rank), so training resumes exactly. At the end of fitting the adapter is written in peft's format (plus
 ``F_psi`` and the base fingerprint) to ``export_dir`` (default ``<default_root_dir>/adapter``),
 ready for ``DenoiserProposal`` through ``LoRADenoiser.from_adapter``.
 """
@@ -142,7 +144,7 @@ def _repeat_cond(cond: Any, times: int) -> Any:
 
 
 #: integer keys of ``derive_seed`` for each source of randomness
-_STAGES = {"train": 0, "transitions": 1, "val": 2}
+_STAGES = {"train": 0, "transitions": 1, "val": 2, "replay": 3}
 
 
 class _Steps(Dataset):
@@ -248,13 +250,34 @@ class AmortizedProposalModule(L.LightningModule):
             proposal=DenoiserProposal(self.q),
         )
 
-    def _generator(
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the trainer this module is attached to (``(0, 1)`` alone)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def rollout_prompts(self) -> int:
+        """Independent rollouts (SMC runs) this rank draws per step: ``rollouts / particles``."""
+        hp = self.hparams
+        return max(hp.rollouts // hp.rollout_particles, 1)
+
+    def _generators(
         self, stage: str, step: int | None = None, device: Any = "cpu"
-    ) -> torch.Generator:
-        """Randomness of ``stage`` at ``step`` (default: the global step) on this rank."""
+    ) -> list[torch.Generator]:
+        """One generator per rollout of this rank at ``step`` (default: the global step), seeded
+        by the rollout's **global** index ``rank * rollout_prompts + i``: rollout ``j`` of a
+        step is the same whichever rank draws it, so ``W`` ranks with ``rollouts`` each draw
+        exactly the rollouts that one process with ``W * rollouts`` draws."""
         step = self.global_step if step is None else step
-        seed = derive_seed(self.hparams.seed, _STAGES[stage], step, self.global_rank)
-        return torch.Generator(device=device).manual_seed(seed)
+        rank, _ = self._world()
+        count = self.rollout_prompts()
+        return [
+            torch.Generator(device=device).manual_seed(
+                derive_seed(self.hparams.seed, _STAGES[stage], step, rank * count + i)
+            )
+            for i in range(count)
+        ]
 
     def rollout(self, stage: str = "train", step: int | None = None) -> SMCPath:
         """``rollouts`` sequences from the shared sampler with ``q_phi`` (no gradient)."""
@@ -264,8 +287,7 @@ class AmortizedProposalModule(L.LightningModule):
         try:
             out = self.rollout_sampler().sample(
                 hp.seq_len,
-                batch_size=max(hp.rollouts // hp.rollout_particles, 1),
-                generator=self._generator(stage, step, self.device),
+                generator=self._generators(stage, step, self.device),
                 device=self.device,
                 record_path=True,
             )
@@ -293,18 +315,27 @@ class AmortizedProposalModule(L.LightningModule):
 
     def _pick_transitions(self, path: SMCPath) -> SMCPath:
         """On-policy: ``transitions`` random steps of the fresh rollout. With a replay buffer the
-        rollout joins the buffer and the rows are drawn uniformly from all buffered rollouts."""
+        rollout joins the buffer and each row slot takes its row from one buffered rollout drawn
+        uniformly. The draws depend on the global step (and the slot's global index), never on
+        the rank, so every world size picks the same transitions."""
         hp = self.hparams
-        g = self._generator("transitions")
+        step = self.global_step
         if hp.replay_size:
             self.replay.append(path.to("cpu"))
             del self.replay[: -hp.replay_size]
-            pool = _concat_rows(self.replay)
-            rows = torch.randperm(pool.x_from.shape[1], generator=g)[: path.x_from.shape[1]]
-            path = _rows(pool, rows).to(self.device)
+            rank, _ = self._world()
+            R = path.x_from.shape[1]
+            source = torch.tensor(
+                [
+                    derive_seed(hp.seed, _STAGES["replay"], step, rank * R + r) % len(self.replay)
+                    for r in range(R)
+                ]
+            )
+            path = _replayed(self.replay, source).to(self.device)
         T = path.x_from.shape[0]
         if hp.transitions is None or hp.transitions >= T:
             return path
+        g = torch.Generator().manual_seed(derive_seed(hp.seed, _STAGES["transitions"], step))
         steps = torch.randperm(T, generator=g)[: hp.transitions].sort().values
         return path.select(steps.to(path.x_from.device))
 
@@ -313,15 +344,19 @@ class AmortizedProposalModule(L.LightningModule):
         terms = self.loss_on(path)
         for name, value in terms.items():
             self.log(
-                f"train/{name}", value, prog_bar=name == "loss", batch_size=self.hparams.rollouts
+                f"train/{name}",
+                value,
+                prog_bar=name == "loss",
+                batch_size=self.hparams.rollouts,
+                sync_dist=True,
             )
         return terms["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         path = self.rollout("val", step=batch_idx)  # the same seeds at every validation
         terms = self.loss_on(path)
-        self.log("val/log_variance", terms["log_variance"], batch_size=self.hparams.rollouts)
-        self.log("val/log_w_var", terms["log_w_var"], batch_size=self.hparams.rollouts)
+        for name in ("log_variance", "log_w_var"):
+            self.log(f"val/{name}", terms[name], batch_size=self.hparams.rollouts, sync_dist=True)
 
     # ------------------------------------------------------------------ loop plumbing
     def train_dataloader(self) -> DataLoader:
@@ -343,10 +378,13 @@ class AmortizedProposalModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["replay"] = [vars(p) for p in self.replay]
+        """The replay buffer of **all** ranks (rows in global order; every rank takes part, rank
+        zero writes), so a resume restores each rank's rows, for any world size."""
+        checkpoint["replay"] = [vars(_gather_rows(p, self)) for p in self.replay]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.replay = [SMCPath(**p) for p in checkpoint.get("replay", [])]
+        rank, world = self._world()
+        self.replay = [_shard_rows(SMCPath(**p), rank, world) for p in checkpoint.get("replay", [])]
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
@@ -363,25 +401,39 @@ class AmortizedProposalModule(L.LightningModule):
         return Path(directory)
 
 
-def _concat_rows(paths: list[SMCPath]) -> SMCPath:
-    """Rollouts of the same plan side by side (rows concatenated)."""
-    first = paths[0]
-    return SMCPath(
-        torch.cat([p.x_from for p in paths], 1),
-        torch.cat([p.x_to for p in paths], 1),
-        first.t,
-        first.step,
-        torch.cat([p.twist_from for p in paths], 1),
-        torch.cat([p.twist_to for p in paths], 1),
-    )
+def _replayed(buffer: list[SMCPath], source: Tensor) -> SMCPath:
+    """Row ``r`` of the result is row ``r`` of rollout ``buffer[source[r]]`` (same plan)."""
+    rows = torch.arange(len(source))
+    stacked = {
+        f: torch.stack([getattr(p, f) for p in buffer]) for f in _ROW_FIELDS
+    }  # [S, T, R, ...]
+    picked = {f: v[source, :, rows].transpose(0, 1) for f, v in stacked.items()}
+    return SMCPath(t=buffer[0].t, step=buffer[0].step, **picked)
 
 
-def _rows(path: SMCPath, rows: Tensor) -> SMCPath:
-    return SMCPath(
-        path.x_from[:, rows],
-        path.x_to[:, rows],
-        path.t,
-        path.step,
-        path.twist_from[:, rows],
-        path.twist_to[:, rows],
-    )
+_ROW_FIELDS = ("x_from", "x_to", "twist_from", "twist_to")
+
+
+def _gather_rows(path: SMCPath, module: AmortizedProposalModule) -> SMCPath:
+    """The rows of every rank side by side ``[T, W * R, ...]`` (this rank's path alone if
+    the module runs in one process)."""
+    if module._world()[1] == 1:
+        return path
+    rows = {}
+    for f in _ROW_FIELDS:
+        value = module.all_gather(getattr(path, f).to(module.device)).cpu()  # [W, T, R, ...]
+        rows[f] = value.transpose(0, 1).flatten(1, 2)
+    return SMCPath(t=path.t, step=path.step, **rows)
+
+
+def _shard_rows(path: SMCPath, rank: int, world: int) -> SMCPath:
+    """This rank's rows of a globally ordered path."""
+    total = path.x_from.shape[1]
+    if total % world:
+        raise ValueError(
+            f"the checkpoint's replay buffer holds rollouts of {total} rows, which {world} ranks "
+            "cannot share equally; resume with a world size that divides it"
+        )
+    size = total // world
+    rows = slice(rank * size, (rank + 1) * size)
+    return SMCPath(t=path.t, step=path.step, **{f: getattr(path, f)[:, rows] for f in _ROW_FIELDS})
