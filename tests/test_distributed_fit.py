@@ -201,6 +201,47 @@ def test_two_torchrun_nodes_on_loopback_agree(two_step_ddp):
     assert _max_diff(n0["params"], d0["params"]) == 0.0  # 2 nodes x 1 = 1 node x 2 devices
 
 
+def test_slurm_environment_launch(two_step_ddp):
+    """Two processes started as ``srun`` starts them (SLURM's variables, no launcher):
+    Lightning's ``SLURMEnvironment`` wires them into one job, as scripts/slurm_amortized.sh
+    relies on."""
+    tmp, devices_run = two_step_ddp
+    config, root = _config(tmp, "slurm", steps=2)
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = dict(
+            _env(),
+            SLURM_JOB_NAME="lsmc-test",
+            SLURM_JOB_ID="4242",
+            SLURM_NTASKS="2",
+            SLURM_NTASKS_PER_NODE="2",
+            SLURM_NNODES="1",
+            SLURM_NODELIST="127.0.0.1",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NODEID="0",
+            MASTER_PORT=port,
+        )
+        cmd = [sys.executable, "-m", "lightning_smc.fit", "--config", str(config)]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-6000:]
+    s0, s1 = _params(root, 2)
+    (d0, _) = _params(devices_run, 2)
+    assert _max_diff(s0["params"], s1["params"]) == 0.0
+    assert _max_diff(s0["params"], d0["params"]) == 0.0
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, rank):
     config, _ = _config(tmp_path, "fail", steps=2, fail_rank=rank)
