@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .models.lora import LoRADenoiser
@@ -40,6 +41,8 @@ __all__ = [
     "MethodRun",
     "answers",
     "build_sampler",
+    "evaluate_method",
+    "load_model",
     "load_method_config",
     "method_parser",
     "run_method",
@@ -265,34 +268,118 @@ def load_method_config(path: str | Path | None = None, overrides: list[str] = ()
 
 @dataclass
 class MethodResult:
-    """What ``run_method`` returns: one answer per prompt and its scores.
+    """What ``run_method`` returns: one answer per prompt, its scores and its diagnostics.
 
-    ``tokens [S, L]``, ``texts`` (decoded), ``reward`` / ``holdout [S]`` float64 (``None`` without
-    that scorer), ``log_normalizer [S]``, ``ess`` (mean ESS fraction), ``nfe`` per particle
-    sequence, ``seconds`` per prompt (wall time of sampling), and per prompt the ESS after
-    each step ``ess_trace [S, T]`` and whether a resample followed ``resampled [S, T]``."""
+    Per answer (``S`` prompts, ``N`` particles, ``T`` steps): ``index [S]`` the global prompt
+    indices (``range(num_samples)``, or this process's shard of it); ``tokens [S, L]``;
+    ``texts`` (decoded); ``reward`` / ``holdout [S]`` float64 (``None`` without that scorer);
+    ``log_normalizer [S]`` (``log Ẑ``); ``log_weights [S, N]`` the final normalized particle
+    log-weights; ``ess_trace [S, T]`` the ESS after each step and ``resampled [S, T]`` whether
+    a resample followed; ``overtakes [S]``; ``sample_nfe [S]`` network evaluations per particle
+    sequence; ``sample_seconds [S]`` sampling wall time (of its batch, shared equally).
+
+    ``ess`` (mean ESS / N), ``nfe`` and ``seconds`` are the means over answers;
+    ``summary(...)`` computes the named metrics (``metrics.registry``); ``merge(parts)`` joins
+    the shards of several processes in prompt order."""
 
     name: str
+    index: Tensor
     tokens: Tensor
     texts: list[str]
     reward: Tensor | None
     holdout: Tensor | None
     log_normalizer: Tensor
-    ess: float
-    nfe: float
-    seconds: float
+    log_weights: Tensor
     ess_trace: Tensor
     resampled: Tensor
+    overtakes: Tensor
+    sample_nfe: Tensor
+    sample_seconds: Tensor
+    num_particles: int
 
-    def summary(self, success_threshold: float | None = None) -> dict[str, float]:
-        row = {"ess": self.ess, "nfe": self.nfe, "seconds": self.seconds}
-        if self.reward is not None:
-            row["reward"] = float(self.reward.mean())
-            if success_threshold is not None:
-                row["success"] = float((self.reward > success_threshold).double().mean())
-        if self.holdout is not None:
-            row["holdout"] = float(self.holdout.mean())
-        return row
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def ess(self) -> float:
+        """Mean over answers and steps of ESS / N."""
+        return float((self.ess_trace.double().mean(-1) / self.num_particles).mean())
+
+    @property
+    def nfe(self) -> float:
+        """Mean network evaluations per particle sequence."""
+        return float(self.sample_nfe.double().mean())
+
+    @property
+    def seconds(self) -> float:
+        """Mean sampling wall time per answer."""
+        return float(self.sample_seconds.double().mean())
+
+    @property
+    def weights(self) -> Tensor:
+        """Final normalized particle weights ``[S, N]``."""
+        return self.log_weights.exp()
+
+    def summary(
+        self,
+        success_threshold: float | None = None,
+        metrics: str | list[str] | None = None,
+        gen_ppl_model: str = "smollm2",
+    ) -> dict[str, float]:
+        """The named metrics of these answers in this process (``metrics.MetricSet``;
+        ``None``: the defaults). ``success`` is ``reward > success_threshold``."""
+        from .metrics.registry import MetricSet
+
+        metric_set = MetricSet(
+            metrics,
+            reward=self.reward is not None,
+            holdout=self.holdout is not None,
+            success_threshold=success_threshold,
+            gen_ppl_model=gen_ppl_model,
+            sync=False,
+        )
+        metric_set.update(self)
+        return metric_set.compute()
+
+    def cpu(self) -> MethodResult:
+        """A copy with every tensor on the CPU (to pickle or gather)."""
+        moved = {
+            k: (v.cpu() if isinstance(v, Tensor) else v)
+            for k, v in ((f, getattr(self, f)) for f in self.__dataclass_fields__)
+        }
+        return MethodResult(**moved)
+
+    @classmethod
+    def merge(cls, parts: list[MethodResult]) -> MethodResult:
+        """The answers of ``parts`` (shards of one method's prompts) in prompt order. A prompt in
+        two parts is an error."""
+        if not parts:
+            raise ValueError("MethodResult.merge needs at least one part")
+        names = {p.name for p in parts}
+        if len(names) != 1:
+            raise ValueError(f"MethodResult.merge: parts of different methods {sorted(names)}")
+        filled = [p for p in parts if len(p)] or parts[:1]
+        index = torch.cat([p.index for p in filled])
+        order = torch.argsort(index, stable=True)
+        if (index[order][1:] == index[order][:-1]).any():
+            raise ValueError("MethodResult.merge: a prompt index appears in more than one part")
+
+        def join(field: str):
+            values = [getattr(p, field) for p in filled]
+            if values[0] is None:
+                if any(v is not None for v in values):
+                    raise ValueError(f"MethodResult.merge: {field} is missing in some parts")
+                return None
+            if isinstance(values[0], list):
+                flat = [item for v in values for item in v]
+                return [flat[i] for i in order.tolist()]
+            return torch.cat(values)[order]
+
+        return cls(
+            **{f: join(f) for f in cls.__dataclass_fields__ if f not in ("name", "num_particles")},
+            name=parts[0].name,
+            num_particles=parts[0].num_particles,
+        )
 
 
 def run_method(
@@ -301,21 +388,24 @@ def run_method(
     tokenizer: Any = None,
     progress_bar: bool = False,
     amortized: LoRADenoiser | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> MethodResult:
     """Sample ``run.num_samples`` answers with ``run.method`` (prompt ``i`` seeded by
-    ``derive_seed(run.seed, i)``, so answers do not depend on ``batch_size``) and score them.
+    ``derive_seed(run.seed, i)``, so answers do not depend on ``batch_size`` or sharding) and
+    score them.
 
     ``denoiser`` / ``tokenizer``: use these instead of loading ``run.model``; ``amortized``:
-    the LoRA proposal for ``proposal: amortized`` (see ``build_sampler``)."""
+    the LoRA proposal for ``proposal: amortized`` (see ``build_sampler``); ``shard = (rank,
+    world_size)``: only the prompts ``dist.shard_indices(num_samples, world_size, rank)``
+    (contiguous blocks), by their global indices."""
     import time
 
-    import torch
-
+    from .dist import shard_indices
     from .rewards import check_reward_output
     from .smc import derive_seed
 
     if denoiser is None:
-        denoiser, tokenizer = _load_model(run, tokenizer)
+        denoiser, tokenizer = load_model(run, tokenizer)
     for scorer in (run.reward, run.holdout):
         unbound = hasattr(scorer, "bind_tokenizer") and getattr(scorer, "spec", 0) is None
         if unbound and tokenizer is not None:
@@ -331,9 +421,24 @@ def run_method(
     device = next(iter(denoiser.parameters())).device if hasattr(denoiser, "parameters") else None
     prompts = read_prompts(run.prompts, tokenizer, run.seq_len) if run.prompts else None
     num_samples = len(prompts) if prompts is not None else run.num_samples
-    tokens, log_z, ess, nfe, traces, resampled = [], [], [], [], [], []
-    start = time.perf_counter()
-    for ids in _batches(prompts, num_samples, run.batch_size):
+    indices = (
+        list(range(num_samples))
+        if shard is None
+        else shard_indices(num_samples, shard[1], shard[0])
+    )
+    N, T = run.method.num_particles, run.method.num_steps
+    tokens, log_z, log_w, nfe, seconds, traces, resampled, overtakes = (
+        [torch.empty(0, run.seq_len, dtype=torch.long)],
+        [torch.empty(0, dtype=torch.float64)],
+        [torch.empty(0, N, dtype=torch.float64)],
+        [torch.empty(0, dtype=torch.float64)],
+        [torch.empty(0, dtype=torch.float64)],
+        [torch.empty(0, T, dtype=torch.float64)],
+        [torch.empty(0, T, dtype=torch.bool)],
+        [torch.empty(0, dtype=torch.long)],
+    )
+    for ids in _batches(prompts, indices, run.batch_size):
+        start = time.perf_counter()
         generators = [
             torch.Generator(device=device or "cpu").manual_seed(derive_seed(run.seed, i))
             for i in ids
@@ -342,17 +447,23 @@ def run_method(
         if prompts is not None and prompts[ids[0]]:
             prompt = torch.tensor([prompts[i] for i in ids], dtype=torch.long)
         out = sampler.sample(run.seq_len, prompt=prompt, generator=generators, device=device)
-        tokens.append(answers(out, run.method, run.reward))
-        log_z.append(out.log_normalizer)
-        ess.append(out.ess.mean(-1) / run.method.num_particles)
-        traces.append(out.ess)
-        resampled.append(out.resampled)
-        nfe.append(out.nfe * len(ids))
-    seconds = (time.perf_counter() - start) / num_samples
+        tokens.append(answers(out, run.method, run.reward).cpu())
+        log_z.append(out.log_normalizer.cpu())
+        log_w.append(out.log_weights.cpu())
+        traces.append(out.ess.cpu())
+        resampled.append(out.resampled.cpu())
+        overtakes.append(out.overtakes.cpu())
+        nfe.append(torch.full((len(ids),), float(out.nfe), dtype=torch.float64))
+        elapsed = time.perf_counter() - start
+        seconds.append(torch.full((len(ids),), elapsed / len(ids), dtype=torch.float64))
     x = torch.cat(tokens)
 
     def score(scorer):
-        return None if scorer is None else check_reward_output(scorer, scorer(x), x.shape[0])
+        if scorer is None:
+            return None
+        if x.shape[0] == 0:  # an empty shard: nothing to score
+            return torch.empty(0, dtype=torch.float64)
+        return check_reward_output(scorer, scorer(x.to(device or "cpu")), x.shape[0]).cpu()
 
     texts = (
         [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in x]
@@ -360,18 +471,60 @@ def run_method(
         else [" ".join(map(str, row.tolist())) for row in x]
     )
     return MethodResult(
-        run.method.name,
-        x,
-        texts,
-        score(run.reward),
-        score(run.holdout),
-        torch.cat(log_z),
-        float(torch.cat(ess).mean()),
-        sum(nfe) / num_samples,
-        seconds,
-        torch.cat(traces),
-        torch.cat(resampled),
+        name=run.method.name,
+        index=torch.tensor(indices, dtype=torch.long),
+        tokens=x,
+        texts=texts,
+        reward=score(run.reward),
+        holdout=score(run.holdout),
+        log_normalizer=torch.cat(log_z),
+        log_weights=torch.cat(log_w),
+        ess_trace=torch.cat(traces),
+        resampled=torch.cat(resampled),
+        overtakes=torch.cat(overtakes),
+        sample_nfe=torch.cat(nfe),
+        sample_seconds=torch.cat(seconds),
+        num_particles=N,
     )
+
+
+def evaluate_method(
+    run: MethodRun,
+    metrics: Any,
+    denoiser: Any = None,
+    tokenizer: Any = None,
+    progress_bar: bool = False,
+    amortized: LoRADenoiser | None = None,
+) -> tuple[dict[str, float], MethodResult]:
+    """Evaluate ``run`` over every process of the default group (or in this one alone).
+
+    This process samples its shard of the prompts (``run_method(..., shard=(rank,
+    world_size))``; a prompt's answer depends only on its global index), adds it to
+    ``metrics`` (a ``metrics.MetricSet``, reset first) and reduces the metrics across
+    processes. Returns ``(summary, every process's answers merged in prompt order)``, the same
+    on every rank and equal to a single process's. Every rank must call it, in the same order;
+    ``progress_bar`` shows on rank zero only."""
+    from . import dist
+
+    rank, world = dist.rank(), dist.world_size()
+    local = run_method(
+        run,
+        denoiser,
+        tokenizer,
+        progress_bar=progress_bar and rank == 0,
+        amortized=amortized,
+        shard=(rank, world),
+    )
+    metrics.reset()
+    metrics.update(local)
+    summary = metrics.compute()
+    merged = MethodResult.merge(dist.all_gather_object(local.cpu()))
+    if len(merged) and not torch.equal(merged.index, torch.arange(len(merged))):
+        raise RuntimeError(
+            f"evaluate_method: the shards of {world} process(es) cover prompts "
+            f"{merged.index.tolist()}, not 0..{len(merged) - 1}"
+        )
+    return summary, merged
 
 
 def read_prompts(path: str | Path, tokenizer: Any, seq_len: int) -> list[list[int]]:
@@ -398,20 +551,20 @@ def read_prompts(path: str | Path, tokenizer: Any, seq_len: int) -> list[list[in
     return encoded
 
 
-def _batches(prompts: list[list[int]] | None, num_samples: int, batch_size: int):
-    """Index ranges of at most ``batch_size`` consecutive samples whose prompts have equal
-    length (the sampler fixes the first ``P`` tokens of a batch)."""
+def _batches(prompts: list[list[int]] | None, indices: list[int], batch_size: int):
+    """Runs of at most ``batch_size`` consecutive entries of ``indices`` whose prompts have
+    equal length (the sampler fixes the first ``P`` tokens of a batch)."""
     first = 0
-    while first < num_samples:
-        last = min(first + batch_size, num_samples)
+    while first < len(indices):
+        last = min(first + batch_size, len(indices))
         if prompts is not None:
-            width = len(prompts[first])
-            last = next((i for i in range(first, last) if len(prompts[i]) != width), last)
-        yield range(first, last)
+            width = len(prompts[indices[first]])
+            last = next((j for j in range(first, last) if len(prompts[indices[j]]) != width), last)
+        yield indices[first:last]
         first = last
 
 
-def _load_model(run: MethodRun, tokenizer: Any):
+def load_model(run: MethodRun, tokenizer: Any = None):
     """The denoiser and tokenizer of ``run``: a local folder with its tokenizer, or a hub id
     in the mdlm-owt format with ``run.tokenizer`` (e.g. ``gpt2``)."""
     from .data.tokenizer import load_tokenizer

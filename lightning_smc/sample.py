@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler, derive_seed
+from .metrics import unigram_entropy
 from .pretrained import EMBEDDED, load_checkpoint
 
 ALPHABET = "abc"
@@ -154,71 +156,135 @@ def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
     print_trace(console, out)
 
 
+SAMPLE_METRICS = (
+    "reward",
+    "success",
+    "holdout",
+    "entropy",
+    "dist",
+    "ess",
+    "log_z",
+    "resamples",
+    "overtakes",
+    "nfe",
+    "seconds",
+)
+"""The metrics of ``--config`` / ``--compare`` without ``--metrics`` (minus missing scorers)."""
+
+
 def run_config(argv: list[str], console: Console) -> dict[str, dict[str, float]]:
     """``--config FILE [overrides]`` or ``--compare A.yaml B.yaml ... [overrides]``: method
     configs (``configs/methods``) on the same prompts and seeds. Writes ``samples.jsonl`` (one
-    line per answer: method, index, text, tokens, reward, holdout, log Ẑ, unigram entropy) and
-    ``summary.json`` into ``--out`` (default ``outputs/sample``) and prints one table.
+    line per answer: method, index, text, tokens, final particle weights, reward, holdout,
+    log Ẑ, unigram entropy) and ``summary.json`` into ``--out`` (default ``outputs/sample``) and
+    prints one table.
+
     ``--nfe-budget B`` gives every method the steps that spend ``B`` network evaluations per
-    answer (compute-matched comparison); ``--gen-ppl`` adds SmolLM2 generative perplexity."""
-    from .methods import load_method_config, match_budget, run_method
-    from .metrics import distinct_n, unigram_entropy
+    answer (compute-matched comparison); ``--metrics a,b,...`` picks the summary's metrics by
+    name (``lightning_smc.metrics.registry``; default ``SAMPLE_METRICS``); ``--gen-ppl`` adds
+    ``gen_ppl``, scored by ``--gen-ppl-model`` (default ``smollm2``); ``--device cuda`` samples
+    on the GPU (``cuda:LOCAL_RANK`` under torchrun).
+
+    Under ``torchrun --nproc_per_node=K`` (``WORLD_SIZE > 1``) each rank samples its block of the
+    prompts (a prompt's answer depends only on its index and the seed), the metrics are reduced
+    across ranks, and rank zero alone writes the merged files, identical to a single process's.
+    """
+    from . import dist
+    from .methods import evaluate_method, load_method_config, load_model, match_budget
+    from .metrics import SMOLLM2
+    from .metrics.registry import MetricSet, parse_metric_names, success_threshold_of
 
     argv, out_dir = _pop_option(argv, "--out", "outputs/sample")
     argv, gen_ppl = _pop_flag(argv, "--gen-ppl")
     argv, budget = _pop_option(argv, "--nfe-budget", "")
+    argv, metric_names = _pop_option(argv, "--metrics", "")
+    argv, ppl_model = _pop_option(argv, "--gen-ppl-model", SMOLLM2)
+    argv, device = _pop_option(argv, "--device", "cpu")
+    names = parse_metric_names(metric_names) if metric_names else None
+    defaults = SAMPLE_METRICS
+    if gen_ppl:  # --gen-ppl adds gen_ppl to --metrics, or to the defaults
+        if names is None:
+            defaults = (*SAMPLE_METRICS, "gen_ppl")
+        elif "gen_ppl" not in names:
+            names.append("gen_ppl")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: choose cpu or cuda")
+    created = dist.init_from_env(device)
+    if device == "cuda":
+        device = f"cuda:{dist.local_rank()}"
+    rank_zero = dist.is_rank_zero()
     configs, overrides = _split_configs(argv)
-    summaries: dict[str, dict[str, float]] = {}
-    lines: list[str] = []
-    ppl = None
+    runs = []  # parse every config and load every scorer before sampling anything
     for config, own in configs:
         run = load_method_config(config, own + overrides)  # the command line wins
         if budget:  # compute-matched: steps so that particles x steps x evaluations = budget
             run.method = match_budget(run.method, int(budget))
-        result = run_method(run, progress_bar=True)
+        threshold = success_threshold_of(run.reward) if run.reward is not None else None
+        metrics = MetricSet(
+            names,
+            defaults=defaults,
+            reward=run.reward is not None,
+            holdout=run.holdout is not None,
+            success_threshold=threshold,
+            gen_ppl_model=ppl_model,
+            device=device,
+        )
+        runs.append((config, run, metrics))
+    summaries: dict[str, dict[str, float]] = {}
+    lines: list[str] = []
+    for config, run, metrics in runs:
+        denoiser, tokenizer = load_model(run)
+        for module in (denoiser, run.reward, run.holdout, run.guide):
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        summary, result = evaluate_method(run, metrics, denoiser, tokenizer, progress_bar=True)
         name = result.name if result.name not in summaries else f"{result.name} ({config})"
-        entropy = [unigram_entropy(row) for row in result.tokens.tolist()]
-        summary = result.summary(getattr(run.reward, "success_threshold", None))
-        summary["particles"], summary["steps"] = run.method.num_particles, run.method.num_steps
-        summary["entropy"] = sum(entropy) / len(entropy)
-        for n in (1, 2, 3):
-            summary[f"dist_{n}"] = distinct_n(result.texts, n)
-        if gen_ppl:
-            from .metrics import GenerativePerplexity
-
-            ppl = GenerativePerplexity()
-            ppl.update(result.texts)
-            summary["gen_ppl"] = float(ppl.compute())
-        summaries[name] = summary
+        summaries[name] = {
+            "particles": run.method.num_particles,
+            "steps": run.method.num_steps,
+            **summary,
+        }
         for i, text in enumerate(result.texts):
             record = {
                 "method": name,
-                "index": i,
+                "index": int(result.index[i]),
                 "text": text,
                 "tokens": result.tokens[i].tolist(),
+                "weights": result.weights[i].tolist(),
                 "log_normalizer": float(result.log_normalizer[i]),
-                "entropy": entropy[i],
+                "entropy": unigram_entropy(result.tokens[i]),
             }
             for key in ("reward", "holdout"):
                 values = getattr(result, key)
                 if values is not None:
                     record[key] = float(values[i])
             lines.append(json.dumps(record))
-        for text in result.texts[:2]:
-            console.print(f"[dim]{name}:[/dim] {text!r}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
-    _write_atomic(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
+        if rank_zero:
+            for text in result.texts[:2]:
+                console.print(f"[dim]{name}:[/dim] {text!r}")
+    if rank_zero:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
+        _write_atomic(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
+        _print_summary(console, summaries, len(configs), out_dir, dist.world_size())
+    if created:
+        dist.destroy()
+    return summaries
+
+
+def _print_summary(
+    console: Console, summaries: dict[str, dict[str, float]], runs: int, out_dir: Path, world: int
+) -> None:
     keys = list(dict.fromkeys(k for row in summaries.values() for k in row))
-    table = Table(title=f"{len(configs)} method(s); samples in {out_dir / 'samples.jsonl'}")
+    where = f"; {world} processes" if world > 1 else ""
+    table = Table(title=f"{runs} method(s){where}; samples in {out_dir / 'samples.jsonl'}")
     table.add_column("method")
     for key in keys:
         table.add_column(key, justify="right")
     for name, row in summaries.items():
         table.add_row(name, *(f"{row[k]:.4g}" if k in row else "-" for k in keys))
     console.print(table)
-    return summaries
 
 
 def _pop_option(argv: list[str], name: str, default: str) -> tuple[list[str], str]:
@@ -280,7 +346,7 @@ def _expand_comparison(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -330,4 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]] | None:
 
 
 if __name__ == "__main__":
-    main()
+    # under torchrun, a failing rank's error is written where the launcher reports it
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()

@@ -1,5 +1,6 @@
 """Method presets and their config files (configs/methods/**): parse, build, and smoke-run."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -221,3 +222,49 @@ def test_comparison_config_smoke_runs(config, tmp_path):
     assert len(summaries) == len(runs)
     assert all(row["steps"] == 4 for row in summaries.values())  # the command line wins
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 2 * len(runs)
+
+
+# ------------------------------------------------------------------ shards and summary statistics
+EVERY_STEP = [*SHRINK[:2], "--num_samples", "5", "--batch_size", "2", "--method.num_steps", "4",
+              "--method.num_particles", "3", "--method.resample_when", "every:1"]  # fmt: skip
+
+
+def test_shards_merge_into_the_single_process_result():
+    from lightning_smc.methods import MethodResult
+
+    run = load_method_config(ROOT / "configs/methods/embedded/smc_base.yaml", EVERY_STEP)
+    whole = run_method(run)
+    parts = [run_method(run, shard=(rank, 3)) for rank in range(3)]
+    assert [p.index.tolist() for p in parts] == [[0, 1], [2, 3], [4]]
+    merged = MethodResult.merge(parts[::-1])  # any order of parts
+    for field in MethodResult.__dataclass_fields__:
+        a, b = getattr(whole, field), getattr(merged, field)
+        if field == "sample_seconds":
+            continue
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, field
+    with pytest.raises(ValueError, match="more than one part"):
+        MethodResult.merge([parts[0], parts[0]])
+    empty = run_method(dataclasses.replace(run, num_samples=1), shard=(1, 2))
+    assert len(empty) == 0 and empty.tokens.shape == (0, 8) and empty.log_weights.shape == (0, 3)
+
+
+def test_summary_statistics_match_the_results_fields():
+    run = load_method_config(ROOT / "configs/methods/embedded/smc_base.yaml", EVERY_STEP)
+    result = run_method(run)
+    row = result.summary(0.5)
+    log_z = result.log_normalizer
+    assert row["log_z_mean"] == pytest.approx(float(log_z.mean()), rel=1e-12)
+    assert row["log_z_var"] == pytest.approx(float(log_z.var()), rel=1e-12)
+    assert row["resamples"] == 3.0  # after steps 1, 2 and 3 of 4
+    assert 0 <= row["overtakes"] <= 3
+    assert row["overtake_rate"] == pytest.approx(
+        float(result.overtakes.sum()) / float(result.resampled.sum()), rel=1e-12
+    )
+    assert row["nfe"] == 4.0 and row["nfe_answer"] == 12.0
+    assert row["success"] == float((result.reward > 0.5).double().mean())
+    assert row["seconds"] > 0
+    torch.testing.assert_close(result.weights.sum(-1), torch.ones(5, dtype=torch.float64))
+    assert result.summary(metrics="log_z") == {
+        "log_z_mean": row["log_z_mean"],
+        "log_z_var": row["log_z_var"],
+    }

@@ -316,3 +316,234 @@ def test_real_two_process_gloo_sync_equals_one_instance(tiny_lm, tmp_path):
         assert values[name] == pytest.approx(metric.compute().item(), rel=1e-9), name
         # rank 0's own half alone gives another value: the match above comes from the sync
         assert values["local"][name] != pytest.approx(metric.compute().item(), rel=1e-6), name
+
+
+# ------------------------------------------------------------------ metrics selected by name
+def fake_batch(index, **overrides):
+    """A batch of answers with hand-set diagnostics (the fields ``MethodResult`` carries)."""
+    from types import SimpleNamespace
+
+    S = len(index)
+    fields = dict(
+        index=torch.tensor(index),
+        tokens=torch.tensor([[1, 1, 2, 2], [3, 3, 3, 3], [1, 2, 3, 4]][:S]),
+        texts=["the cat", "the cat sat", "a dog"][:S],
+        reward=torch.tensor([0.2, -0.4, 0.9][:S], dtype=torch.float64),
+        holdout=None,
+        log_normalizer=torch.tensor([-1.0, -3.0, -2.5][:S], dtype=torch.float64),
+        # N = 4 particles, T = 2 steps
+        ess_trace=torch.tensor([[4.0, 2.0], [4.0, 4.0], [1.0, 3.0]][:S], dtype=torch.float64),
+        resampled=torch.tensor([[True, False], [False, False], [True, True]][:S]),
+        overtakes=torch.tensor([1, 0, 1][:S]),
+        sample_nfe=torch.tensor([2.0, 2.0, 2.0][:S], dtype=torch.float64),
+        sample_seconds=torch.tensor([0.5, 0.25, 0.75][:S], dtype=torch.float64),
+        num_particles=4,
+    )
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def subset(batch, rows):
+    """The samples ``rows`` of ``batch``."""
+    from types import SimpleNamespace
+
+    fields = {
+        k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
+        for k, v in vars(batch).items()
+        if k not in ("holdout", "num_particles")
+    }
+    return SimpleNamespace(**fields, holdout=None, num_particles=batch.num_particles)
+
+
+ALL = ["reward", "success", "entropy", "dist", "ess", "log_z", "resamples", "overtakes", "nfe",
+       "seconds"]  # fmt: skip
+
+
+def test_metric_values_by_hand():
+    from lightning_smc.metrics import MetricSet
+
+    metrics = MetricSet(ALL, reward=True, success_threshold=0.1, sync=False)
+    metrics.update(fake_batch([0, 1, 2]))
+    values = metrics.compute()
+    expected = {
+        "reward": (0.2 - 0.4 + 0.9) / 3,
+        "success": 2 / 3,  # 0.2 and 0.9 exceed 0.1
+        "entropy": (math.log(2) + 0.0 + math.log(4)) / 3,
+        # words: the cat | the cat sat | a dog -> 5 distinct of 7; bigrams 3 of 4; trigrams 1/1
+        "dist_1": 5 / 7,
+        "dist_2": 3 / 4,
+        "dist_3": 1.0,
+        "ess": ((6 / 2 / 4) + (8 / 2 / 4) + (4 / 2 / 4)) / 3,
+        "log_z_mean": -6.5 / 3,
+        "log_z_var": torch.tensor([-1.0, -3.0, -2.5], dtype=torch.float64).var().item(),
+        "resamples": 3 / 3,
+        "overtakes": 2 / 3,
+        "overtake_rate": 2 / 3,  # 2 overtakes in 3 resamples
+        "nfe": 2.0,
+        "nfe_answer": 8.0,  # N = 4 particle sequences per answer
+        "seconds": 0.5,
+    }
+    assert values.keys() == expected.keys()
+    for key, value in expected.items():
+        assert values[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_undefined_statistics_are_left_out_not_invented():
+    from lightning_smc.metrics import MetricSet
+
+    metrics = MetricSet(["log_z", "overtakes"], sync=False)
+    metrics.update(fake_batch([0], resampled=torch.tensor([[False, False]])))
+    values = metrics.compute()
+    assert values == {"log_z_mean": -1.0, "overtakes": 1.0}  # no variance of one value, no
+    # overtakes per resample without a resample
+
+
+def test_shards_in_any_order_reduce_bit_for_bit_like_one_set():
+    from lightning_smc.metrics import MetricSet
+
+    whole = MetricSet(ALL, reward=True, success_threshold=0.1, sync=False)
+    whole.update(fake_batch([0, 1, 2]))
+    left = MetricSet(ALL, reward=True, success_threshold=0.1, sync=False)
+    right = MetricSet(ALL, reward=True, success_threshold=0.1, sync=False)
+    full = fake_batch([0, 1, 2])
+    for target, rows in ((right, [2]), (left, [0, 1])):  # the later samples first
+        target.update(subset(full, rows))
+    for name, metric in right.metrics.items():
+        metric.merge_state(left.metrics[name])  # what the DDP sync does: concatenate states
+    assert right.compute() == whole.compute()  # exactly: rows are reduced in index order
+
+
+def test_a_sample_counted_twice_is_an_error():
+    from lightning_smc.metrics import MetricSet
+
+    metrics = MetricSet(["reward"], reward=True, sync=False)
+    metrics.update(fake_batch([0, 1]))
+    metrics.update(fake_batch([1]))
+    with pytest.raises(ValueError, match="sample 1 was added more than once"):
+        metrics.compute()
+
+
+def test_bad_metric_names_and_missing_scorers_are_clear_errors(tmp_path):
+    from lightning_smc.metrics import MetricSet, parse_metric_names
+
+    with pytest.raises(ValueError, match="unknown metric 'bogus'; choose from reward, success"):
+        parse_metric_names("reward,bogus")
+    with pytest.raises(ValueError, match="named more than once"):
+        parse_metric_names(["ess", "ess"])
+    with pytest.raises(ValueError, match="metric 'holdout' needs a holdout"):
+        MetricSet(["holdout"], reward=True)
+    with pytest.raises(ValueError, match="metric 'success' needs a success_threshold"):
+        MetricSet(["success"], reward=True)
+    missing = tmp_path / "no_such_lm"
+    with pytest.raises(OSError, match="metric 'gen_ppl'.*no_such_lm"):
+        MetricSet(["gen_ppl"], gen_ppl_model=str(missing))
+    # the defaults leave out what has no scorer
+    assert MetricSet().names == ["ess", "log_z", "resamples", "overtakes", "nfe", "seconds"]
+
+
+def test_gen_ppl_metric_equals_generative_perplexity(tiny_lm):
+    from lightning_smc.metrics import MetricSet
+
+    batch = fake_batch([0, 1, 2], texts=["the cat sat on the mat", "", "a dog ran out"])
+    metrics = MetricSet(["gen_ppl"], gen_ppl_model=str(tiny_lm), sync=False)
+    metrics.update(batch)
+    reference = GenerativePerplexity(str(tiny_lm))
+    reference.update(batch.texts)
+    assert metrics.compute()["gen_ppl"] == pytest.approx(reference.compute().item(), rel=1e-12)
+
+
+def test_success_threshold_follows_the_rewards_scale():
+    from lightning_smc.metrics import success_threshold_of
+    from lightning_smc.rewards import VaderSentiment
+
+    assert success_threshold_of(VaderSentiment(success_threshold=0.5)) == 0.5
+    # steering away (scale -1): success is raw < 0.5, i.e. reward = -raw > -0.5
+    assert success_threshold_of(VaderSentiment(scale=-1.0, success_threshold=0.5)) == -0.5
+    assert success_threshold_of(lambda x: x) is None
+
+
+# ---------------------------------------------------------------------- evaluation callback
+def test_callback_logs_weight_histograms_and_named_metrics_to_wandb(tiny_lm, tmp_path, monkeypatch):
+    """``RewardEvaluation`` with text metrics (gen PPL under a tiny LM, entropy, Dist-n) on an
+    offline W&B run: scalars, the weight-histogram images, scorers loaded once."""
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+    from test_amortized import ALPHA, toy_module
+
+    import lightning_smc.metrics.perplexity as perplexity
+    from lightning_smc.callbacks import RewardEvaluation
+    from lightning_smc.methods import Method
+    from lightning_smc.metrics import clear_scorer_cache
+
+    clear_scorer_cache()
+    loads = []
+    load = perplexity._load
+    monkeypatch.setattr(perplexity, "_load", lambda model: loads.append(model) or load(model))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    names = ["reward", "entropy", "dist", "gen_ppl", "log_z", "resamples", "overtakes", "nfe"]
+    evaluation = RewardEvaluation(
+        [
+            Method(name="SMCbase", num_particles=3, num_steps=6, potential="tilt", alpha=ALPHA,
+                   resample_when="every:2"),
+            Method(name="best-of-3", num_particles=3, num_steps=6, select="reward"),
+        ],
+        num_prompts=3,
+        metrics=names,
+        gen_ppl_model=str(tiny_lm),
+        tokenizer="embedded",  # the toy reward has none: decode the toy ids with the embedded one
+    )  # fmt: skip
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="test")
+    L.Trainer(
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[evaluation],
+        max_steps=4,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(toy_module(steps_per_epoch=4))
+    run_dir = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    import wandb
+
+    wandb.teardown()
+    assert len(loads) == 1  # one scorer load for both methods and both validations
+    assert len(evaluation.history) == 2
+    first, second = (
+        {m: {k: v for k, v in row.items() if k != "seconds"} for m, row in h.items() if m != "step"}
+        for h in evaluation.history
+    )
+    assert first == second  # fixed seeds and a frozen base: the same numbers each time
+    row = evaluation.history[-1]["SMCbase"]
+    assert {"gen_ppl", "entropy", "dist_1", "log_z_mean", "log_z_var", "overtake_rate"} <= set(row)
+    reference = GenerativePerplexity(str(tiny_lm))
+    reference.update(evaluation.last_samples["SMCbase"].texts)
+    assert row["gen_ppl"] == pytest.approx(reference.compute().item(), rel=1e-12)
+    history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+    for key in (b"eval/SMCbase/gen_ppl", b"eval/SMCbase/weights", b"eval/best-of-3/weights"):
+        assert key in history, key
+    images = [p for p in (run_dir / "files" / "media").rglob("*.png")]
+    assert any("weights" in str(p) for p in images), images  # the histograms were written
+    assert any("ess" in str(p) for p in images), images
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved[-1]["SMCbase"]["gen_ppl"] == row["gen_ppl"]
+
+
+def test_callback_bad_metrics_are_clear_errors(tmp_path):
+    from test_amortized import toy_module
+
+    from lightning_smc.callbacks import RewardEvaluation
+    from lightning_smc.methods import Method
+
+    methods = [Method(name="base", num_particles=1, num_steps=2)]
+    with pytest.raises(ValueError, match="unknown metric 'gen-ppl'; choose from"):
+        RewardEvaluation(methods, metrics=["gen-ppl"])
+    with pytest.raises(ValueError, match="metric 'holdout' needs holdout"):
+        RewardEvaluation(methods, metrics=["holdout"])
+    with pytest.raises(FileNotFoundError, match="metric 'gen_ppl'.*missing_lm"):
+        RewardEvaluation(methods, metrics=["gen_ppl"], gen_ppl_model=str(tmp_path / "missing_lm"))
+    evaluation = RewardEvaluation(methods, num_prompts=1, metrics=["dist"])
+    with pytest.raises(ValueError, match="read decoded texts.*pass tokenizer"):
+        evaluation.evaluate(toy_module())  # a reward without a tokenizer: no texts to read

@@ -58,6 +58,7 @@ from torchmetrics import Metric
 __all__ = [
     "SMOLLM2",
     "GenerativePerplexity",
+    "check_scorer",
     "clear_scorer_cache",
     "load_scorer",
     "smollm2_gguf_path",
@@ -114,10 +115,15 @@ def clear_scorer_cache() -> None:
     _SCORERS.clear()
 
 
-def _load(model: str):
-    """``(causal LM, tokenizer)`` from ``model``, or an ``OSError`` that names it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_scorer(model: str | Path = SMOLLM2) -> None:
+    """Check, without loading anything, that ``model`` can be looked for: the embedded GGUF is
+    installed, a local path exists. Raises ``FileNotFoundError`` naming ``model`` otherwise (a
+    hub name is only checked when it is loaded)."""
+    _source(str(model))
 
+
+def _source(model: str) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` reads ``model`` from, and its keyword arguments."""
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if model.lower() == SMOLLM2:
         gguf = smollm2_gguf_path()
@@ -135,6 +141,14 @@ def _load(model: str):
                     f"{SMOLLM2!r} or a hub name"
                 )
             source = str(path) if looks_local else model
+    return source, kwargs
+
+
+def _load(model: str):
+    """``(causal LM, tokenizer)`` from ``model``, or an ``OSError`` that names it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = _source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -233,6 +247,11 @@ class GenerativePerplexity(Metric):
                 "skipped); update() it with non-empty texts first"
             )
         return torch.exp(self.nll_sum / self.num_tokens)
+
+    def score(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Summed NLL (float64, nats) and number of scored tokens (long) of each text, ``[len(texts)]``
+        on CPU; a text with nothing to score has count 0. Does not touch the metric's states."""
+        return self._score(texts)
 
     def sample_nll(self, texts: Sequence[str]) -> Tensor:
         """Mean NLL per scored token of each text, float64 ``[len(texts)]`` on CPU.
