@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sampler_overhead.py"
 CONFIGS = ("ancestral", "sr-smc", "sr-smc-block")
@@ -51,3 +53,25 @@ def test_sampler_overhead_quick(tmp_path):
         assert 0.0 < r["forward_s"] <= r["wall_s"]
         assert r["nfe"] == report["sizes"]["steps"]
         assert r["forward_calls"] == report["sizes"]["steps"]
+
+
+@pytest.mark.slow  # four torchrun launches (~45 s); the 1-vs-2-process equality itself is in CI
+def test_distributed_sample_quick(tmp_path):
+    out = tmp_path / "distributed.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/distributed_sample.py"),
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["identical"] and [r["processes"] for r in report["rows"]] == [1, 2]
+    assert "throughput ratio (2 / 1 processes)" in proc.stdout
