@@ -6,6 +6,9 @@ Public surface (DESIGN.md §4)::
     sampler = ls.SMCSampler(denoiser, num_particles=N, num_steps=T, potential=ls.SelfReward())
     out = sampler.sample(seq_len=L, batch_size=B, generator=torch.Generator().manual_seed(0))
     out.tokens, out.log_weights, out.log_normalizer, out.ess, out.best()
+
+With ``torch.distributed`` initialized, ``SMCSampler(..., layout=ls.ParticleShards())`` splits
+each prompt's ``N`` particles over the ranks with global resampling (``lightning_smc.sharding``).
 """
 
 from .models.base import Denoiser, ExactDenoiser
@@ -26,6 +29,7 @@ from .rewards import (
     WordListToxicity,
 )
 from .sampler import SMCSampler
+from .sharding import LocalParticles, ParticleShards
 from .smc import derive_seed
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "HFClassifierReward",
     "LearnedReward",
     "LoRADenoiser",
+    "LocalParticles",
+    "ParticleShards",
     "ProfanityToxicity",
     "TextReward",
     "VaderSentiment",

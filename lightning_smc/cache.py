@@ -4,7 +4,9 @@ When no token of a particle row changed since its logits were computed, ``p_thet
 is the same (for a denoiser without time conditioning), so the row is not re-evaluated. With
 ``enabled=False`` every row is evaluated at every step. ``evaluations`` counts the row-level
 network evaluations actually performed: ``evaluations / R`` is the honest NFE per sequence.
-Rows follow their ancestors through ``reorder`` after a resample.
+Rows follow their ancestors through ``reorder`` after a resample; when particles are sharded
+over processes (``sharding.ParticleShards``), rows received from another process are evaluated
+with ``evaluate`` (counted in ``evaluations``) and the new state is set with ``adopt``.
 """
 
 from __future__ import annotations
@@ -54,3 +56,14 @@ class CachedDenoiser:
         """Rows follow their ancestors; returns the reordered log-probabilities."""
         self.x, self.log_probs = self.x[index], self.log_probs[index]
         return self.log_probs
+
+    def evaluate(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """``log p_theta(x0 | x_t)`` of rows outside the cache (e.g. particles received from
+        another process), counted in ``evaluations``; the cache is left as it is."""
+        self.evaluations += x_t.shape[0]
+        return denoiser_log_probs(self.denoiser(x_t, t, cond), self.denoiser.mask_id)
+
+    def adopt(self, x_t: Tensor, log_probs: Tensor) -> Tensor:
+        """Make ``log_probs`` the cached log-probabilities of ``x_t`` (rows rebuilt elsewhere)."""
+        self.x, self.log_probs = x_t, log_probs
+        return log_probs

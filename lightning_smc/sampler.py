@@ -21,6 +21,12 @@ per prompt (``smc.seeding``): the same prompt and seed give the same particles a
 any batch, and on any rank. Large per-step buffers (the ``[#masked, V]`` float64 uniforms)
 live in a ``context.Scratch`` reused by all steps of a run.
 
+**Layout** (``sharding``): where the particles live. With ``layout="local"`` (default) this
+process holds all ``R = B * N`` rows. With ``layout="sharded"`` each of ``W`` ranks holds
+``B * N / W`` rows while ``log_w``, ``log_Z`` and the diagnostics stay global: the loop is the
+same, and the layout's hooks (``add`` / ``settle`` the weight increments, ``follow`` the
+ancestors after a resample, ``tokens`` at the end) do the communication.
+
 Example::
 
     sampler = SMCSampler(denoiser, num_particles=16, num_steps=64, unmasking="low_confidence",
@@ -46,6 +52,7 @@ from .models.base import Denoiser
 from .output import SMCOutput, SMCPath
 from .potentials import Potential
 from .proposals import Proposal
+from .sharding import LocalParticles, get_layout
 from .smc import RowGenerators, StepInfo, ess, get_resampling, get_strategy, log_mean_exp
 
 __all__ = ["SMCSampler"]
@@ -72,6 +79,9 @@ class SMCSampler:
         cache: reuse a particle's logits when none of its tokens changed (MDLM's ``ddpm_cache``;
             needs a denoiser without time conditioning). ``out.nfe`` counts what was evaluated.
         progress_bar: show a progress bar over steps.
+        layout: where the particles live: ``"local"`` (this process) or ``"sharded"`` /
+            ``ParticleShards(group)`` (split over the ranks of a ``torch.distributed`` group,
+            global resampling; see ``lightning_smc.sharding``).
     """
 
     def __init__(
@@ -92,6 +102,7 @@ class SMCSampler:
         confidence_threshold: float = 0.9,
         cache: bool = False,
         progress_bar: bool = False,
+        layout: str | LocalParticles = "local",
     ):
         if num_particles < 1:
             raise ValueError(f"num_particles must be >= 1, got {num_particles}")
@@ -125,6 +136,7 @@ class SMCSampler:
         self.progress_bar = progress_bar
         self.cache = cache
         CachedDenoiser(denoiser, cache)  # validates cache against the denoiser
+        self.layout = get_layout(layout)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -143,12 +155,14 @@ class SMCSampler:
         ``prompt [B, P]`` (``P < seq_len``) fixes the first ``P`` tokens; its ``mask_id`` entries are
         generated (infilling; blocks then start at the first free position of the batch); ``cond`` has leading dimension ``B``; ``generator`` is one generator, or one per
         prompt for results independent of batch composition. ``record_path=True`` also returns
-        every transition with its twists (``out.path``, an ``SMCPath``)."""
+        every transition with its twists (``out.path``, an ``SMCPath``). With sharded particles
+        every rank calls this with the same arguments and gets the same full output."""
         B, device = self._batch_and_device(batch_size, prompt, generator, device)
         rows = self._row_generators(generator, B, device)
-        x, start = self._initial_state(seq_len, B, prompt, device)
+        n = self.layout.start(self.num_particles, device, record_path)  # particles held here
+        x, start = self._initial_state(seq_len, B, prompt, device, n)
         plans = plan_steps(self.num_steps, seq_len, start, self.block_length)
-        return self._run(x, plans, expand_rows(cond, self.num_particles), rows, record_path)
+        return self._run(x, plans, expand_rows(cond, n), rows, record_path)
 
     # ------------------------------------------------------------------ loop
     def _run(
@@ -160,10 +174,12 @@ class SMCSampler:
         record_path: bool = False,
     ) -> SMCOutput:
         B, N, T = len(rows), self.num_particles, len(plans)
+        layout, n = self.layout, x.shape[0] // B  # n: particles of each prompt held here
+        resample_rows, rows = layout.generators(rows)
         trace = _Trace.empty(B, N, T, x.device)
         log_w, prev_twist = (
             trace.new_weights(),
-            torch.zeros(B * N, dtype=torch.float64, device=x.device),
+            torch.zeros(B * n, dtype=torch.float64, device=x.device),
         )
         network = CachedDenoiser(self.denoiser, self.cache)
         scratch = Scratch()
@@ -171,40 +187,43 @@ class SMCSampler:
         path = _PathRecorder() if record_path else None
         for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
             k = plan.step
-            if self.policy.may_finish_early and not self._block_open(x, plan):
+            if self.policy.may_finish_early and not layout.any(self._block_open(x, plan)):
+                layout.settle(log_w)
                 trace.ess[:, k - 1 :] = ess(log_w).unsqueeze(1)  # nothing left in this block
                 continue  # (the path records no transition: x does not move)
             t = torch.full((x.shape[0],), plan.t, device=x.device)
-            ctx = StepContext(x, t, plan, cond, rows, N, self.denoiser.mask_id, scratch)
+            ctx = StepContext(x, t, plan, cond, rows, n, self.denoiser.mask_id, scratch)
             base_lp = network(x, t, cond)
             extra_evals += self.potential.extra_nfe + getattr(self.proposal, "extra_nfe", 0)
             twist = self.potential.twist(ctx, base_lp)
             if twist is not None:
-                log_w += (twist - prev_twist).view(B, N)
+                layout.add(log_w, twist - prev_twist)
                 prev_twist = twist
             if path is not None:
                 path.reached(prev_twist)
             index = None
             if k > 0:
+                layout.settle(log_w)
                 trace.ess[:, k - 1] = ess(log_w)
                 chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block)) & (N > 1)
                 if chosen.any():
-                    index = self._resample(log_w, chosen, rows, trace, k - 1)
-                    x, prev_twist = x[index], prev_twist[index]
+                    index = self._resample(log_w, chosen, resample_rows, trace, k - 1)
+                    x, prev_twist, base_lp, index = layout.follow(
+                        index, ctx, prev_twist, base_lp, network
+                    )
                     ctx.x_t = x
-                    if self.cache:  # the cache's rows must follow their ancestors
-                        base_lp, index = network.reorder(index), None
             x_from = x
             x, increment = self._propagate(ctx, base_lp, index)
-            log_w += increment.view(B, N)
+            layout.add(log_w, increment)
             if path is not None:
                 path.add(x_from, x, plan, prev_twist)
         final = self.potential.final_twist(x)
         if final is not None:
-            log_w += (final - prev_twist).view(B, N)
+            layout.add(log_w, final - prev_twist)
             prev_twist = final
-        nfe = network.evaluations / (B * N) + extra_evals
-        out = trace.finish(x.view(B, N, -1), log_w, nfe)
+        layout.settle(log_w)
+        nfe = layout.total(network.evaluations) / (B * N) + extra_evals
+        out = trace.finish(layout.tokens(x, B), log_w, nfe)
         if path is not None:
             out.path = path.finish(prev_twist)
         return out
@@ -212,7 +231,8 @@ class SMCSampler:
     def _resample(
         self, log_w: Tensor, chosen: Tensor, rows: RowGenerators, trace: _Trace, k: int
     ) -> Tensor:
-        """Resample the chosen rows in place after step ``k``; returns the flat row index to gather."""
+        """Resample the chosen rows in place after step ``k``; returns the flat row index to gather
+        (``b * N + ancestor``: global rows, whatever the layout)."""
         N = self.num_particles
         for b in chosen.nonzero().flatten().tolist():
             trace.ancestors[b, k] = self.resample(log_w[b], N, rows.generator(b)).to(log_w.device)
@@ -249,7 +269,7 @@ class SMCSampler:
         masked = torch.zeros_like(x, dtype=torch.bool)
         masked[:, block] = x[:, block] == ctx.mask_id
         if self.policy.value_independent:
-            u = ctx.rows.rand((self.num_particles, L), x.device).view_as(x)
+            u = ctx.rows.rand((ctx.num_particles, L), x.device).view_as(x)
             commit = self.policy.select(masked, plan, u=u)
             at = _flat_index(commit)
             tokens = _gumbel_at(ctx, log_q, commit, _source(at, source))
@@ -319,8 +339,9 @@ class SMCSampler:
         return RowGenerators.split(generator, B, device)
 
     def _initial_state(
-        self, seq_len: int, B: int, prompt: Tensor | None, device
+        self, seq_len: int, B: int, prompt: Tensor | None, device, particles: int
     ) -> tuple[Tensor, int]:
+        """Fully masked rows (prompt in front), ``particles`` rows per prompt."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         mask_id, V = self.denoiser.mask_id, self.denoiser.vocab_size
@@ -337,7 +358,7 @@ class SMCSampler:
             # Generation starts at the first free position of any prompt: masked prompt entries
             # are generated (infilling); blocks tile [start, seq_len).
             start = int((x == mask_id).any(0).nonzero()[0])
-        return x.repeat_interleave(self.num_particles, dim=0), start
+        return x.repeat_interleave(particles, dim=0), start
 
 
 def _flat_index(mask: Tensor) -> Tensor:

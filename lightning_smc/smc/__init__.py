@@ -3,8 +3,10 @@
 This layer imports nothing from the rest of ``lightning_smc`` and nothing from Lightning or
 W&B. Notation (DESIGN.md §3): particles on the last axis ``[..., N]``, log-weights ``log_w`` in
 float64, ancestors ``A`` as LongTensors, every stochastic call with an explicit generator.
+``plan_exchange`` is the index algebra of a resample whose particles are split over ranks.
 """
 
+from .exchange import Exchange, plan_exchange
 from .resampling import RESAMPLING_SCHEMES, get_resampling, register_resampling
 from .seeding import RowGenerators, derive_seed, rand_at
 from .strategies import (
@@ -24,6 +26,7 @@ __all__ = [
     "AtBlockBoundaries",
     "Always",
     "ESSBelow",
+    "Exchange",
     "EveryK",
     "Never",
     "ResampleStrategy",
@@ -35,6 +38,7 @@ __all__ = [
     "get_strategy",
     "log_mean_exp",
     "normalize",
+    "plan_exchange",
     "rand_at",
     "register_resampling",
 ]
