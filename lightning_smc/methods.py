@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import dist
 from .models.lora import LoRADenoiser
 from .output import SMCOutput
 from .potentials import Potential, RewardTilt, SelfReward
@@ -68,6 +69,11 @@ class Method:
         proposal: ``"base"``, ``"gradient"`` (SMCgrad, Gumbel-softmax ``gradient_tau``) or
             ``"amortized"`` (SMCamot: the LoRA ``adapter`` folder, or the one passed in).
         select: ``"weight"`` (highest-weight particle) or ``"reward"`` (best-of-N).
+        shard_particles: split each prompt's ``num_particles`` over the ranks of the default
+            process group (``SMCSampler(layout="sharded")``, global resampling): for ``N`` too
+            large for one device. Every rank then samples every prompt (instead of a shard of
+            the prompts) and holds the same answers. In a single process (no process group)
+            this is the local layout, which sharding over one rank equals bit for bit.
     """
 
     name: str = "smc"
@@ -90,6 +96,7 @@ class Method:
     resample_when: str | None = None
     select: str = "weight"
     cache: bool = False
+    shard_particles: bool = False
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
@@ -193,6 +200,7 @@ def build_sampler(
         resample_when=method.resample_when,
         cache=method.cache,
         progress_bar=progress_bar,
+        layout="sharded" if method.shard_particles and dist.is_initialized() else "local",
     )
 
 
@@ -349,6 +357,19 @@ class MethodResult:
         }
         return MethodResult(**moved)
 
+    def select(self, rows: list[int]) -> MethodResult:
+        """The answers at positions ``rows`` (e.g. ``[]``: none, with every field's shape)."""
+        at = torch.tensor(rows, dtype=torch.long)
+
+        def pick(value):
+            if isinstance(value, Tensor):
+                return value[at.to(value.device)]
+            if isinstance(value, list):
+                return [value[i] for i in rows]
+            return value
+
+        return MethodResult(**{f: pick(getattr(self, f)) for f in self.__dataclass_fields__})
+
     @classmethod
     def merge(cls, parts: list[MethodResult]) -> MethodResult:
         """The answers of ``parts`` (shards of one method's prompts) in prompt order. A prompt in
@@ -499,7 +520,8 @@ def evaluate_method(
     """Evaluate ``run`` over every process of the default group (or in this one alone).
 
     This process samples its shard of the prompts (``run_method(..., shard=(rank,
-    world_size))``; a prompt's answer depends only on its global index), adds it to
+    world_size))``; a prompt's answer depends only on its global index), or with
+    ``method.shard_particles`` its share of every prompt's particles, adds it to
     ``metrics`` (a ``metrics.MetricSet``, reset first) and reduces the metrics across
     processes. Returns ``(summary, every process's answers merged in prompt order)``, the same
     on every rank and equal to a single process's. Every rank must call it, in the same order;
@@ -507,18 +529,20 @@ def evaluate_method(
     from . import dist
 
     rank, world = dist.rank(), dist.world_size()
+    particles = run.method.shard_particles  # every rank samples every prompt, N / world each
     local = run_method(
         run,
         denoiser,
         tokenizer,
         progress_bar=progress_bar and rank == 0,
         amortized=amortized,
-        shard=(rank, world),
+        shard=None if particles else (rank, world),
     )
     metrics.reset()
-    metrics.update(local)
+    # sharded particles: every rank holds the same answers, counted once (rank zero's)
+    metrics.update(local if rank == 0 or not particles else local.select([]))
     summary = metrics.compute()
-    merged = MethodResult.merge(dist.all_gather_object(local.cpu()))
+    merged = local.cpu() if particles else MethodResult.merge(dist.all_gather_object(local.cpu()))
     if len(merged) and not torch.equal(merged.index, torch.arange(len(merged))):
         raise RuntimeError(
             f"evaluate_method: the shards of {world} process(es) cover prompts "

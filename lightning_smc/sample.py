@@ -276,14 +276,17 @@ def run_config(argv: list[str], console: Console) -> dict[str, dict[str, float]]
 def _print_summary(
     console: Console, summaries: dict[str, dict[str, float]], runs: int, out_dir: Path, world: int
 ) -> None:
+    """One row per metric, one column per method (readable however many metrics there are)."""
     keys = list(dict.fromkeys(k for row in summaries.values() for k in row))
     where = f"; {world} processes" if world > 1 else ""
     table = Table(title=f"{runs} method(s){where}; samples in {out_dir / 'samples.jsonl'}")
-    table.add_column("method")
+    table.add_column("metric")
+    for name in summaries:
+        table.add_column(name, justify="right")
     for key in keys:
-        table.add_column(key, justify="right")
-    for name, row in summaries.items():
-        table.add_row(name, *(f"{row[k]:.4g}" if k in row else "-" for k in keys))
+        table.add_row(
+            key, *(f"{row[key]:.4g}" if key in row else "-" for row in summaries.values())
+        )
     console.print(table)
 
 

@@ -344,3 +344,23 @@ def test_callback_under_lightning_ddp_equals_one_process(tmp_path):
             row["SMCbase"].pop("seconds")
     assert histories[1] == histories[2]
     assert {"log_z_var", "overtake_rate", "entropy"} <= set(histories[1][0]["SMCbase"])
+
+
+def test_sample_with_particles_sharded_over_two_processes(tmp_path):
+    """``--method.shard_particles true``: each rank holds N / 2 particles of every prompt and
+    resampling is global; rank zero writes every prompt once, with all N weights."""
+    args = ["--config", SRSMC, *SMALL, "--num_samples", "3", "--method.num_particles", "4",
+            "--method.resample_when", "always", "--method.shard_particles", "true",
+            "--metrics", "entropy,ess,log_z,resamples,nfe"]  # fmt: skip
+    done = torchrun([*args, "--out", str(tmp_path / "two")], 2, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(x) for x in (tmp_path / "two/samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert all(len(r["weights"]) == 4 and abs(sum(r["weights"]) - 1) < 1e-9 for r in records)
+    summary = json.loads((tmp_path / "two/summary.json").read_text())["SR-SMC"]
+    assert summary["resamples"] > 0  # global resampling happened across the two ranks
+    # one process: the sharded layout over a single rank is the local one
+    from lightning_smc.sample import main
+
+    one = main([*args, "--out", str(tmp_path / "one")])["SR-SMC"]
+    assert set(one) == set(summary)
