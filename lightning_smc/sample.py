@@ -276,17 +276,11 @@ def run_config(argv: list[str], console: Console) -> dict[str, dict[str, float]]
 def _print_summary(
     console: Console, summaries: dict[str, dict[str, float]], runs: int, out_dir: Path, world: int
 ) -> None:
-    """One row per metric, one column per method (readable however many metrics there are)."""
-    keys = list(dict.fromkeys(k for row in summaries.values() for k in row))
+    from .metrics.registry import summary_table
+
     where = f"; {world} processes" if world > 1 else ""
-    table = Table(title=f"{runs} method(s){where}; samples in {out_dir / 'samples.jsonl'}")
-    table.add_column("metric")
-    for name in summaries:
-        table.add_column(name, justify="right")
-    for key in keys:
-        table.add_row(
-            key, *(f"{row[key]:.4g}" if key in row else "-" for row in summaries.values())
-        )
+    title = f"{runs} method(s){where}; samples in {out_dir / 'samples.jsonl'}"
+    table = summary_table(title, summaries)
     console.print(table)
 
 

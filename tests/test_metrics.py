@@ -547,3 +547,20 @@ def test_callback_bad_metrics_are_clear_errors(tmp_path):
     evaluation = RewardEvaluation(methods, num_prompts=1, metrics=["dist"])
     with pytest.raises(ValueError, match="read decoded texts.*pass tokenizer"):
         evaluation.evaluate(toy_module())  # a reward without a tokenizer: no texts to read
+
+
+def test_summary_table_has_a_row_per_metric_and_a_column_per_method():
+    from rich.console import Console
+
+    from lightning_smc.metrics.registry import summary_table
+
+    rows = {"A": {"reward": 0.5, "overtake_rate": 0.25}, "B": {"reward": 0.75}}
+    console = Console(width=40, record=True)
+    console.print(summary_table("t", rows))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "metric" in line)
+    assert header.index("A") < header.index("B")
+    reward = next(line for line in lines if "reward" in line)
+    assert "0.5" in reward and "0.75" in reward
+    rate = next(line for line in lines if "overtake_rate" in line)
+    assert "0.25" in rate and rate.rstrip(" │").endswith("-")  # B has no overtake rate

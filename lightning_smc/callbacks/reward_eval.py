@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from ..metrics.registry import (
     MetricSet,
     parse_metric_names,
     success_threshold_of,
+    summary_table,
 )
 from ..rewards import BaseReward
 
@@ -280,19 +280,11 @@ class RewardEvaluation(L.Callback):
     @rank_zero_only
     def _report(self, root: Path) -> None:
         from rich.console import Console
-        from rich.table import Table
 
         last = self.history[-1]
         rows = {n: v for n, v in last.items() if n != "step"}
-        table = Table(
-            title=f"Reward evaluation at step {last['step']} ({self.num_prompts} samples)"
-        )
-        keys = list(dict.fromkeys(k for row in rows.values() for k in row))
-        table.add_column("method")
-        for key in keys:
-            table.add_column(key, justify="right")
-        for name, row in rows.items():
-            table.add_row(name, *(_fmt(row[k]) if k in row else "-" for k in keys))
+        title = f"Reward evaluation at step {last['step']} ({self.num_prompts} samples)"
+        table = summary_table(title, rows)
         Console().print(table)
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / "eval.json.tmp"
@@ -333,7 +325,3 @@ def _weight_figure(result: Any, title: str):
     axis.set_title(f"{title} (N={result.num_particles}, {len(result)} prompts)", fontsize=9)
     figure.tight_layout()
     return figure
-
-
-def _fmt(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.3f}"

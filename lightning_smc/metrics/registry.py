@@ -70,6 +70,7 @@ __all__ = [
     "SampleBatch",
     "parse_metric_names",
     "success_threshold_of",
+    "summary_table",
 ]
 
 
@@ -526,3 +527,20 @@ def _load_scorer_for_metric(model: str, device: str | torch.device) -> None:
             f"metric 'gen_ppl': cannot load the perplexity scorer {model!r} ({err}); pass "
             "gen_ppl_model / --gen-ppl-model: 'smollm2', a .gguf file or a causal LM directory"
         ) from err
+
+
+def summary_table(title: str, summaries: dict[str, dict[str, float]]):
+    """A ``rich`` table of metric summaries: one row per metric, one column per method (stays
+    readable however many metrics there are); a metric a method lacks shows ``-``."""
+    from rich.table import Table
+
+    keys = list(dict.fromkeys(k for row in summaries.values() for k in row))
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in summaries:
+        table.add_column(name, justify="right")
+    for key in keys:
+        table.add_row(
+            key, *(f"{row[key]:.4g}" if key in row else "-" for row in summaries.values())
+        )
+    return table
