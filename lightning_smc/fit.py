@@ -64,6 +64,12 @@ class SMCLightningCLI(LightningCLI):
         )
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
+    def _instantiate_trainer(self, config, callbacks):
+        # --trainer.enable_progress_bar false turns the always-added progress bar off too
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, RichProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_fit(self) -> None:
         denoiser = getattr(self.model, "denoiser", None)
         if (

@@ -164,3 +164,13 @@ def test_unknown_config_key_is_named(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS[0]), "--model.init_args.no_such_key", "1"])
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_progress_bar_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "configs/quickstart.yaml"
+    off = [*SMOKE[:12], *AMORTIZED_SHRINK, "--trainer.enable_progress_bar", "false"]
+    cli = main(["fit", "--config", str(config), *off, "--trainer.callbacks", "[]"])
+    assert cli.trainer.state.finished and cli.trainer.progress_bar_callback is None
+    on = main(["fit", "--config", str(config), *off[:-2], "--trainer.callbacks", "[]"])
+    assert type(on.trainer.progress_bar_callback).__name__ == "RichProgressBar"
