@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from .data.tokenizer import save_tokenizer
+from .models.tokenizer import save_tokenizer
 
 __all__ = ["build", "export", "main"]
 

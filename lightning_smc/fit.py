@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from .data.tokenizer import save_tokenizer
+from .models.tokenizer import save_tokenizer
 
 __all__ = ["SMCLightningCLI", "main"]
 

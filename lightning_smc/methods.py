@@ -591,8 +591,8 @@ def _batches(prompts: list[list[int]] | None, indices: list[int], batch_size: in
 def load_model(run: MethodRun, tokenizer: Any = None):
     """The denoiser and tokenizer of ``run``: a local folder with its tokenizer, or a hub id
     in the mdlm-owt format with ``run.tokenizer`` (e.g. ``gpt2``)."""
-    from .data.tokenizer import load_tokenizer
     from .models.mdlm import MDLMDenoiser
+    from .models.tokenizer import load_tokenizer
     from .pretrained import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(run.model)

@@ -35,8 +35,8 @@ def resolve_adapter(name_or_path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path):
     """``(denoiser, tokenizer spec)`` from a ``save_pretrained`` directory with its tokenizer."""
-    from .data.tokenizer import load_tokenizer
     from .models.mdlm import MDLMDenoiser
+    from .models.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(path)
     if not (path / "config.json").is_file():

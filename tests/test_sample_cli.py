@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_smc.data.corpora import load_corpus
-from lightning_smc.data.tokenizer import save_tokenizer, train_bpe
 from lightning_smc.models import MDLMDenoiser
+from lightning_smc.models.tokenizer import save_tokenizer, train_bpe
 from lightning_smc.sample import load_checkpoint, main
 
 

@@ -13,10 +13,7 @@ Example::
     dm.vocab_size, dm.mask_id          # 4096, 4095
 """
 
-from .corpora import CORPORA, HFDocuments, clean_text, load_corpus, strip_gutenberg
-from .packing import PackedSequences, pack, split_indices
-from .text import TextDataModule
-from .tokenizer import (
+from ..models.tokenizer import (
     EOS_ID,
     EOS_TOKEN,
     MASK_TOKEN,
@@ -30,6 +27,9 @@ from .tokenizer import (
     train_bpe,
     wrap_bpe,
 )
+from .corpora import CORPORA, HFDocuments, clean_text, load_corpus, strip_gutenberg
+from .packing import PackedSequences, pack, split_indices
+from .text import TextDataModule
 
 __all__ = [
     "CORPORA",

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..models.tokenizer import TokenizerSpec, encode_documents, eos_id
 from ..rewards.text import TextReward, VaderSentiment, resolve_tokenizer
 from .corpora import load_corpus
 from .packing import (
@@ -41,7 +42,6 @@ from .packing import (
     split_indices,
     token_dtype,
 )
-from .tokenizer import TokenizerSpec, encode_documents, eos_id
 
 __all__ = ["LabelledChunks", "RewardDataModule"]
 

@@ -34,6 +34,15 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from ..models.tokenizer import (
+    MIN_VOCAB_SIZE,
+    TokenizerSpec,
+    encode_documents,
+    eos_id,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+)
 from .corpora import load_corpus
 from .packing import (
     EpochShuffleSampler,
@@ -42,15 +51,6 @@ from .packing import (
     pack,
     split_indices,
     token_dtype,
-)
-from .tokenizer import (
-    MIN_VOCAB_SIZE,
-    TokenizerSpec,
-    encode_documents,
-    eos_id,
-    load_tokenizer,
-    save_tokenizer,
-    train_bpe,
 )
 
 META_FILE = "lightning_smc_tokenizer.json"  # what a trained tokenizer was trained on

@@ -276,7 +276,7 @@ class LearnedReward(nn.Module, BaseReward):
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
-            from ..data.tokenizer import save_tokenizer
+            from ..models.tokenizer import save_tokenizer
 
             save_tokenizer(getattr(tokenizer, "tokenizer", tokenizer), directory)  # spec or object
         return directory

@@ -15,7 +15,7 @@ The tokenizer is given at construction (``tokenizer=``) or later (``bind_tokeniz
 
 - ``"embedded"``: the tokenizer of the embedded base model ``lightning_smc/assets/mdlm_tiny``;
 - a directory (a ``save_pretrained`` tokenizer or model checkpoint with its tokenizer), loaded
-  with ``lightning_smc.data.tokenizer.load_tokenizer``;
+  with ``lightning_smc.models.tokenizer.load_tokenizer``;
 - a ``TokenizerSpec`` or a ``transformers`` tokenizer object (a mask token is required).
 
 Scales and success. ``scale`` multiplies the score (``scale=-1`` steers *away* from what the
@@ -72,7 +72,7 @@ EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "mdlm_tiny"
 def resolve_tokenizer(tokenizer: Any):
     """A ``TokenizerSpec`` from ``"embedded"``, a directory, a spec or a tokenizer object."""
     # Imported here: the tokenizer helpers live with the data code (transformers/tokenizers only).
-    from ..data.tokenizer import TokenizerSpec, load_tokenizer, tokenizer_spec
+    from ..models.tokenizer import TokenizerSpec, load_tokenizer, tokenizer_spec
 
     if isinstance(tokenizer, TokenizerSpec):
         return tokenizer
