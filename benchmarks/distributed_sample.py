@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without an installed package too
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lightning_smc.dist import free_port  # noqa: E402
 
 
 def run_sample(config: str, processes: int, threads: int, out: Path, *overrides: str) -> float:
@@ -40,7 +36,7 @@ def run_sample(config: str, processes: int, threads: int, out: Path, *overrides:
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={processes}",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "lightning_smc.sample",
         "--config",

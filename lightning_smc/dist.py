@@ -14,7 +14,7 @@ so callers never branch on whether a process group exists.
 - ``all_gather_object(obj)``: every rank's ``obj`` (picklable), in rank order, on every rank.
 - ``all_gather_tensor(tensor)``: every rank's tensor, in rank order; the first dimension may
   differ between ranks (the other dimensions, dtype and device must agree).
-- ``barrier()``.
+- ``barrier()``; ``free_port()``: a free TCP port on 127.0.0.1, for a local ``MASTER_PORT``.
 
 Seeds of per-item randomness should be derived from global item indices
 (``lightning_smc.derive_seed(seed, index)``), never from the rank, so that results do not
@@ -24,6 +24,7 @@ depend on how the items are sharded.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "all_gather_tensor",
     "barrier",
     "destroy",
+    "free_port",
     "init_from_env",
     "is_initialized",
     "is_rank_zero",
@@ -172,3 +174,10 @@ def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in sizes]
     tdist.all_gather(out, padded)
     return [o[: int(s)] for o, s in zip(out, sizes, strict=True)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for ``MASTER_PORT`` of a local launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,12 +29,6 @@ SMC_BASE = str(ROOT / "configs/methods/embedded/smc_base.yaml")
 SRSMC = str(ROOT / "configs/methods/embedded/srsmc.yaml")
 SMALL = ["--seq_len", "12", "--method.num_steps", "4", "--method.num_particles", "3"]
 TIMEOUT = 180  # seconds: a hang becomes a failure, not a stuck suite
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------- sharding
@@ -86,7 +79,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_gathers_of_objects_and_uneven_tensors(tmp_path):
     assert dist.all_gather_object("alone") == ["alone"]  # no process group: one process
-    spawn(_gather_worker, 2, (free_port(), str(tmp_path)), timeout=120)
+    spawn(_gather_worker, 2, (dist.free_port(), str(tmp_path)), timeout=120)
     rows = [
         torch.arange(3 * (r + 1) * 2, dtype=torch.float64).reshape(-1, 2) + 100 * r for r in (0, 1)
     ]
@@ -197,7 +190,7 @@ def test_two_gloo_ranks_give_the_single_process_metrics_and_answers(tiny_lm, tmp
         "nfe_answer", "seconds",
     }  # fmt: skip
     assert single["smc_base"][0]["resamples"] == 3.0  # 4 steps, a resample after the first 3
-    spawn(_evaluate_worker, 2, (free_port(), str(tmp_path), str(tiny_lm)))
+    spawn(_evaluate_worker, 2, (dist.free_port(), str(tmp_path), str(tiny_lm)))
     own = {}
     for rank in (0, 1):
         sharded, own[rank] = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -215,7 +208,7 @@ def torchrun(args: list[str], nproc: int, tmp_path: Path, env: dict | None = Non
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
+        f"--master_port={dist.free_port()}",
         "-m",
         "lightning_smc.sample",
         *args,
@@ -328,7 +321,7 @@ def test_callback_under_lightning_ddp_equals_one_process(tmp_path):
     for world in (1, 2):
         root = tmp_path / f"world{world}"
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
+                   "--master_addr=127.0.0.1", f"--master_port={dist.free_port()}", str(script),
                    str(root), str(Path(__file__).parent), str(world)]  # fmt: skip
         done = subprocess.run(
             command,

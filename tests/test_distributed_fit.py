@@ -17,7 +17,6 @@ The test callbacks in ``tests/ddp_probe.py`` record each rank's trainable parame
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from lightning_smc.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds per launched job: a hang fails the test instead of blocking CI
@@ -109,12 +110,6 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_step_ddp(tmp_path_factory):
     """2 processes, 2 steps: the run the resume and multi-node tests start from."""
@@ -159,33 +154,14 @@ def test_ddp_checkpoint_is_written_once_and_resumes_exactly(two_step_ddp):
     assert c0["losses"] == a0["losses"][2:]
 
 
-def test_two_torchrun_nodes_on_loopback_agree(two_step_ddp):
-    tmp, devices_run = two_step_ddp
-    config, root = _config(tmp, "nodes", devices=1, num_nodes=2, steps=2)
-    port = _free_port()
+def _launch_together(commands: list[tuple[list[str], dict[str, str]]]) -> None:
+    """Start one process per ``(command, env)`` at once (as two nodes or ``srun`` would), wait
+    for all of them (bounded by ``TIMEOUT``) and require that each succeeded."""
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc_per_node=1",
-                f"--node_rank={rank}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "lightning_smc.fit",
-                "--config",
-                str(config),
-            ],
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        for rank in (0, 1)
+        for cmd, env in commands
     ]
     try:
         outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
@@ -194,11 +170,26 @@ def test_two_torchrun_nodes_on_loopback_agree(two_step_ddp):
             p.kill()
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-6000:]
-    n0, n1 = _params(root, 2)
+
+
+def _assert_equals_devices_run(root: Path, devices_run: Path) -> None:
+    """Both ranks of the run in ``root`` agree, and equal the 1-node x 2-device run."""
+    r0, r1 = _params(root, 2)
     (d0, _) = _params(devices_run, 2)
-    assert n0["step"] == 2
-    assert _max_diff(n0["params"], n1["params"]) == 0.0
-    assert _max_diff(n0["params"], d0["params"]) == 0.0  # 2 nodes x 1 = 1 node x 2 devices
+    assert r0["step"] == 2
+    assert _max_diff(r0["params"], r1["params"]) == 0.0
+    assert _max_diff(r0["params"], d0["params"]) == 0.0
+
+
+def test_two_torchrun_nodes_on_loopback_agree(two_step_ddp):
+    tmp, devices_run = two_step_ddp
+    config, root = _config(tmp, "nodes", devices=1, num_nodes=2, steps=2)
+    port = free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+    fit = ["-m", "lightning_smc.fit", "--config", str(config)]
+    _launch_together([([*node, f"--node_rank={rank}", *fit], _env()) for rank in (0, 1)])
+    _assert_equals_devices_run(root, devices_run)  # 2 nodes x 1 = 1 node x 2 devices
 
 
 def test_slurm_environment_launch(two_step_ddp):
@@ -207,39 +198,22 @@ def test_slurm_environment_launch(two_step_ddp):
     relies on."""
     tmp, devices_run = two_step_ddp
     config, root = _config(tmp, "slurm", steps=2)
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = dict(
-            _env(),
-            SLURM_JOB_NAME="lsmc-test",
-            SLURM_JOB_ID="4242",
-            SLURM_NTASKS="2",
-            SLURM_NTASKS_PER_NODE="2",
-            SLURM_NNODES="1",
-            SLURM_NODELIST="127.0.0.1",
-            SLURM_PROCID=str(rank),
-            SLURM_LOCALID=str(rank),
-            SLURM_NODEID="0",
-            MASTER_PORT=port,
-        )
-        cmd = [sys.executable, "-m", "lightning_smc.fit", "--config", str(config)]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-6000:]
-    s0, s1 = _params(root, 2)
-    (d0, _) = _params(devices_run, 2)
-    assert _max_diff(s0["params"], s1["params"]) == 0.0
-    assert _max_diff(s0["params"], d0["params"]) == 0.0
+    slurm = dict(
+        _env(),
+        SLURM_JOB_NAME="lsmc-test",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_NNODES="1",
+        SLURM_NODELIST="127.0.0.1",
+        SLURM_NODEID="0",
+        MASTER_PORT=str(free_port()),
+    )
+    cmd = [sys.executable, "-m", "lightning_smc.fit", "--config", str(config)]
+    _launch_together(
+        [(cmd, dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r))) for r in (0, 1)]
+    )
+    _assert_equals_devices_run(root, devices_run)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_smc.dist import free_port
 from lightning_smc.metrics import (
     DistinctN,
     GenerativePerplexity,
@@ -275,12 +275,6 @@ if rank == 0:
         json.dump(values, f)
 dist.destroy_process_group()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_real_two_process_gloo_sync_equals_one_instance(tiny_lm, tmp_path):
