@@ -27,6 +27,7 @@ from rich.table import Table
 
 from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler, derive_seed
 from .metrics import unigram_entropy
+from .metrics.registry import DEFAULT_METRICS
 from .pretrained import EMBEDDED, load_checkpoint
 
 ALPHABET = "abc"
@@ -156,19 +157,7 @@ def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
     print_trace(console, out)
 
 
-SAMPLE_METRICS = (
-    "reward",
-    "success",
-    "holdout",
-    "entropy",
-    "dist",
-    "ess",
-    "log_z",
-    "resamples",
-    "overtakes",
-    "nfe",
-    "seconds",
-)
+SAMPLE_METRICS = (*DEFAULT_METRICS[:3], "entropy", "dist", *DEFAULT_METRICS[3:])
 """The metrics of ``--config`` / ``--compare`` without ``--metrics`` (minus missing scorers)."""
 
 

@@ -338,3 +338,30 @@ def test_reward_evaluation_logs_tables_and_images_to_wandb(tmp_path, monkeypatch
     media = {p.suffix for p in (run_dir / "files" / "media").rglob("*")}
     assert {".json", ".png"} <= media  # the tables and the ESS images
     assert (tmp_path / "eval.json").is_file() and len(evaluation.history) == 1
+
+
+def test_replay_takes_each_slot_from_its_drawn_rollout():
+    from lightning_smc.modules.amortized import _replayed
+    from lightning_smc.output import SMCPath
+
+    T, R, Lq = 3, 4, 5
+    buffer = [
+        SMCPath(
+            torch.full((T, R, Lq), 10 * k) + torch.arange(R).view(1, R, 1),
+            torch.full((T, R, Lq), 10 * k + 1) + torch.arange(R).view(1, R, 1),
+            torch.linspace(1, 0.5, T),
+            torch.arange(T),
+            torch.full((T, R), float(k)),
+            torch.full((T, R), float(k) + 0.5),
+        )
+        for k in range(3)
+    ]
+    source = torch.tensor([2, 0, 1, 2])
+    out = _replayed(buffer, source)
+    assert out.x_from.shape == (T, R, Lq) and out.twist_to.shape == (T, R)
+    for r, k in enumerate(source.tolist()):
+        assert torch.equal(out.x_from[:, r], buffer[k].x_from[:, r])
+        assert torch.equal(out.x_to[:, r], buffer[k].x_to[:, r])
+        assert torch.equal(out.twist_from[:, r], buffer[k].twist_from[:, r])
+        assert torch.equal(out.twist_to[:, r], buffer[k].twist_to[:, r])
+    assert torch.equal(out.step, buffer[0].step)

@@ -402,12 +402,12 @@ class AmortizedProposalModule(L.LightningModule):
 
 
 def _replayed(buffer: list[SMCPath], source: Tensor) -> SMCPath:
-    """Row ``r`` of the result is row ``r`` of rollout ``buffer[source[r]]`` (same plan)."""
-    rows = torch.arange(len(source))
-    stacked = {
-        f: torch.stack([getattr(p, f) for p in buffer]) for f in _ROW_FIELDS
-    }  # [S, T, R, ...]
-    picked = {f: v[source, :, rows].transpose(0, 1) for f, v in stacked.items()}
+    """Row ``r`` of the result is row ``r`` of rollout ``buffer[source[r]]`` (same plan); only
+    those rows are copied."""
+    rows = list(enumerate(source.tolist()))
+    picked = {
+        f: torch.stack([getattr(buffer[s], f)[:, r] for r, s in rows], dim=1) for f in _ROW_FIELDS
+    }
     return SMCPath(t=buffer[0].t, step=buffer[0].step, **picked)
 
 
