@@ -1,5 +1,12 @@
 """Sampler overhead: wall time of ``SMCSampler.sample`` / time spent inside the denoiser.
 
+Denoisers (``--model``): ``embedded`` (default) is the project's own small transformer, the
+committed MDLM DiT ``mdlm_tiny`` (vocab 4096, hidden 256, 4 blocks, 4 heads, L <= 128, ~5.7M
+parameters), whose forward returns normalized SUBS log-probabilities (``outputs_log_probs``);
+``tiny`` is a randomly initialised ``ls.TinyTransformerDenoiser`` of the same shape by default
+(``--vocab-size``, ``--d-model``, ``--layers``), which returns raw logits that the sampler
+normalizes itself (one more ``[B*N, L, V]`` pass per step, billed to the sampler).
+
 The denoiser is wrapped in ``TimedDenoiser`` (an ``ls.Denoiser``: ``vocab_size``, ``mask_id``,
 ``__call__``) that accumulates ``time.perf_counter`` around every forward call (with
 ``torch.cuda.synchronize`` before and after on CUDA, so queued sampler kernels are not billed
@@ -49,7 +56,16 @@ except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import lightning_smc as ls
 
-__all__ = ["CONFIGS", "Sizes", "TimedDenoiser", "main", "run_benchmark", "run_config"]
+__all__ = [
+    "CONFIGS",
+    "MODELS",
+    "Sizes",
+    "TimedDenoiser",
+    "build_model",
+    "main",
+    "run_benchmark",
+    "run_config",
+]
 
 
 @dataclass
@@ -87,6 +103,7 @@ class TimedDenoiser:
         self.inner = inner
         self.vocab_size = inner.vocab_size
         self.mask_id = inner.mask_id
+        self.outputs_log_probs = bool(getattr(inner, "outputs_log_probs", False))
         self.seconds = 0.0
         self.calls = 0
         self._cuda = (
@@ -210,6 +227,37 @@ def output_digest(out: Any) -> str:
     return h.hexdigest()
 
 
+MODELS = ("embedded", "tiny")
+
+
+def build_model(model: str, sizes: Sizes, seed: int = 0):
+    """The denoiser of ``--model``; for ``embedded`` the sizes are the checkpoint's (written
+    back into ``sizes``)."""
+    if model == "embedded":
+        from lightning_smc.pretrained import load_checkpoint
+
+        denoiser, _ = load_checkpoint("embedded")
+        config = denoiser.config
+        if sizes.seq_len > config.model_length:
+            raise SystemExit(
+                f"--seq-len {sizes.seq_len} exceeds the embedded model's model_length "
+                f"{config.model_length}"
+            )
+        sizes.vocab_size, sizes.d_model = config.vocab_size, config.hidden_dim
+        sizes.n_layers, sizes.n_heads = config.n_blocks, config.n_heads
+        return denoiser
+    if model != "tiny":
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    torch.manual_seed(seed)
+    return ls.TinyTransformerDenoiser(
+        sizes.vocab_size,
+        max_len=sizes.seq_len,
+        d_model=sizes.d_model,
+        n_layers=sizes.n_layers,
+        n_heads=sizes.n_heads,
+    )
+
+
 def run_benchmark(
     sizes: Sizes,
     device: str = "cpu",
@@ -218,24 +266,20 @@ def run_benchmark(
     profile: bool = False,
     seed: int = 0,
     digest: bool = False,
+    model: str = "tiny",
 ) -> dict[str, Any]:
     """Build the denoiser and time every configuration; returns a JSON-ready dict."""
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model = ls.TinyTransformerDenoiser(
-        sizes.vocab_size,
-        max_len=sizes.seq_len,
-        d_model=sizes.d_model,
-        n_layers=sizes.n_layers,
-        n_heads=sizes.n_heads,
-    )
-    model = model.to(device).eval()
+    model_name = model
+    model = build_model(model_name, sizes, seed).to(device).eval()
     denoiser = TimedDenoiser(model)
     results = {
         name: run_config(name, denoiser, sizes, device, repeats, profile, digest)
         for name in configs
     }
     return {
+        "model": model_name,
+        "outputs_log_probs": denoiser.outputs_log_probs,
         "sizes": asdict(sizes),
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
@@ -263,6 +307,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="embedded",
+        help="embedded: the committed MDLM DiT (log-prob outputs); tiny: a random "
+        "TinyTransformerDenoiser (raw logits) sized by --vocab-size/--d-model/--layers "
+        "(default: embedded; --quick implies tiny)",
+    )
     p.add_argument("--steps", type=int, help=f"reverse steps T (default {Sizes.steps})")
     p.add_argument("--seq-len", type=int, help=f"sequence length L (default {Sizes.seq_len})")
     p.add_argument("--batch", type=int, help=f"prompts B per sample() call (default {Sizes.batch})")
@@ -317,6 +369,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
     sizes = Sizes(**asdict(QUICK)) if args.quick else Sizes()
+    model = "tiny" if args.quick else args.model
+    shaped = [f for f in ("vocab_size", "d_model", "n_layers") if getattr(args, f) is not None]
+    if model == "embedded" and shaped:
+        raise SystemExit(
+            f"--{shaped[0].replace('_', '-').replace('n-layers', 'layers')} sizes the tiny model; "
+            "the embedded model has its own sizes (add --model tiny)"
+        )
     for field in (
         "steps",
         "seq_len",
@@ -329,15 +388,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ):
         if getattr(args, field) is not None:
             setattr(sizes, field, getattr(args, field))
+    if model == "embedded":  # read the checkpoint's sizes before printing them
+        build_model(model, sizes)
+    name = "embedded MDLM (mdlm_tiny)" if model == "embedded" else "TinyTransformerDenoiser"
     print(
-        f"TinyTransformerDenoiser: vocab_size={sizes.vocab_size} d_model={sizes.d_model} layers={sizes.n_layers} "
+        f"{name}: vocab_size={sizes.vocab_size} d_model={sizes.d_model} layers={sizes.n_layers} "
         f"heads={sizes.n_heads}; seq_len={sizes.seq_len} steps={sizes.steps} batch={sizes.batch} "
         f"particles={sizes.particles} block_length={sizes.block_length}; device={args.device} "
         f"threads={torch.get_num_threads()} repeats={args.repeats} (median shown)",
         flush=True,
     )
     report = run_benchmark(
-        sizes, args.device, args.repeats, args.configs, args.profile, digest=args.digest
+        sizes,
+        args.device,
+        args.repeats,
+        args.configs,
+        args.profile,
+        digest=args.digest,
+        model=model,
     )
     print(f"parameters: {report['parameters'] / 1e6:.2f}M")
     print(format_table(report))

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .context import denoiser_log_probs, index_rows
+from .context import denoiser_log_probs, index_rows, outputs_log_probs
 from .models.base import Denoiser
 
 __all__ = ["CachedDenoiser"]
@@ -29,6 +29,7 @@ class CachedDenoiser:
                 "x_t only); set cache=False or use a model with time_conditioning=False"
             )
         self.denoiser, self.enabled = denoiser, enabled
+        self.normalized = outputs_log_probs(denoiser)
         self.x: Tensor | None = None
         self.log_probs: Tensor | None = None
         self.evaluations = 0
@@ -36,18 +37,16 @@ class CachedDenoiser:
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         """``log p_theta(x0 | x_t)`` with the mask removed, ``[R, L, V]``."""
         if not self.enabled or self.x is None:
-            self.log_probs = denoiser_log_probs(self.denoiser(x_t, t, cond), self.denoiser.mask_id)
+            self.log_probs = self._log_probs(self.denoiser(x_t, t, cond))
             self.evaluations += x_t.shape[0]
         else:
             stale = (x_t != self.x).any(-1).nonzero().flatten()
             if len(stale) == x_t.shape[0]:
-                self.log_probs = denoiser_log_probs(
-                    self.denoiser(x_t, t, cond), self.denoiser.mask_id
-                )
+                self.log_probs = self._log_probs(self.denoiser(x_t, t, cond))
             elif len(stale):
                 fresh = self.denoiser(x_t[stale], t[stale], index_rows(cond, stale))
                 self.log_probs = self.log_probs.clone()
-                self.log_probs[stale] = denoiser_log_probs(fresh, self.denoiser.mask_id)
+                self.log_probs[stale] = self._log_probs(fresh)
             self.evaluations += len(stale)
         self.x = x_t
         return self.log_probs
@@ -61,7 +60,10 @@ class CachedDenoiser:
         """``log p_theta(x0 | x_t)`` of rows outside the cache (e.g. particles received from
         another process), counted in ``evaluations``; the cache is left as it is."""
         self.evaluations += x_t.shape[0]
-        return denoiser_log_probs(self.denoiser(x_t, t, cond), self.denoiser.mask_id)
+        return self._log_probs(self.denoiser(x_t, t, cond))
+
+    def _log_probs(self, output: Tensor) -> Tensor:
+        return denoiser_log_probs(output, self.denoiser.mask_id, self.normalized)
 
     def adopt(self, x_t: Tensor, log_probs: Tensor) -> Tensor:
         """Make ``log_probs`` the cached log-probabilities of ``x_t`` (rows rebuilt elsewhere)."""

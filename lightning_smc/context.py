@@ -23,7 +23,14 @@ from torch import Tensor
 from .diffusion import StepPlan
 from .smc import RowGenerators, rand_at
 
-__all__ = ["Scratch", "StepContext", "denoiser_log_probs", "expand_rows", "index_rows"]
+__all__ = [
+    "Scratch",
+    "StepContext",
+    "denoiser_log_probs",
+    "expand_rows",
+    "index_rows",
+    "outputs_log_probs",
+]
 
 
 def expand_rows(value: Any, repeats: int) -> Any:
@@ -105,12 +112,24 @@ class StepContext:
         return self.x_t == self.mask_id
 
 
-def denoiser_log_probs(logits: Tensor, mask_id: int) -> Tensor:
+def denoiser_log_probs(logits: Tensor, mask_id: int, normalized: bool = False) -> Tensor:
     """``log p(x0 | x_t)`` with the mask token removed (it is never a clean value).
 
     ``logits`` is never modified; a contiguous tensor whose mask column is already all ``-inf``
-    (MDLM, ``TinyTransformerDenoiser``, ``ExactDenoiser``) is normalized without a copy."""
-    if not (logits.is_contiguous() and bool(torch.isneginf(logits[..., mask_id]).all())):
+    (MDLM, ``TinyTransformerDenoiser``, ``ExactDenoiser``) is normalized without a copy.
+    ``normalized=True`` (see ``outputs_log_probs``): the denoiser already returns
+    log-probabilities, so a tensor whose mask column is ``-inf`` is returned as it is (one
+    ``[R, L, V]`` pass fewer per step); anything else is normalized as above."""
+    mask_free = logits.is_contiguous() and bool(torch.isneginf(logits[..., mask_id]).all())
+    if normalized and mask_free:
+        return logits
+    if not mask_free:
         logits = logits.clone()
         logits[..., mask_id] = -torch.inf
     return torch.log_softmax(logits, dim=-1)
+
+
+def outputs_log_probs(denoiser: Any) -> bool:
+    """Whether ``denoiser`` declares (``outputs_log_probs = True``) that its outputs are already
+    normalized log-probabilities, as MDLM's SUBS parameterization returns."""
+    return bool(getattr(denoiser, "outputs_log_probs", False))

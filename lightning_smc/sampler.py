@@ -12,13 +12,16 @@ length, ``T`` steps; ``x [R, L]`` the state, ``log_w [B, N]`` float64 log-weight
    needs through the ancestor index, unless a proposal, offset, temperature or top-p needs
    the whole tensor);
 4. **propose**: ``log q`` from the proposal (base kernel by default), temperature / top-p
-   applied; the unmasking policy picks positions; tokens drawn by float64 Gumbel-max;
+   applied; the unmasking policy picks positions; tokens drawn by float64 Gumbel-max at the
+   committed positions (``ancestral``, ``random``), or, for policies that rank sampled
+   candidates (``low_confidence``, ``threshold``), a candidate at every masked position by
+   ``inverse_cdf`` with one uniform each (``diffusion.categorical``);
 5. **weight the move**: ``log_w += sum_committed [log pi(x_s) - log q(x_s)]`` (see ``potentials``).
 
 After the last step ``log_w += log gamma_0(x_0) - log gamma_prev`` and ``log_Z += log mean
 exp(log_w)``, so ``E[Ẑ] = Z`` including the initial twist. Randomness comes from one generator
 per prompt (``smc.seeding``): the same prompt and seed give the same particles alone or in
-any batch, and on any rank. Large per-step buffers (the ``[#masked, V]`` float64 uniforms)
+any batch, and on any rank. Large per-step buffers (the ``[#masked, V]`` rows drawn from)
 live in a ``context.Scratch`` reused by all steps of a run.
 
 **Layout** (``sharding``): where the particles live. With ``layout="local"`` (default) this
@@ -47,7 +50,14 @@ from tqdm.auto import tqdm
 
 from .cache import CachedDenoiser
 from .context import Scratch, StepContext, expand_rows
-from .diffusion import StepPlan, get_unmasking, gumbel_max, plan_steps, proposal_log_probs
+from .diffusion import (
+    StepPlan,
+    get_unmasking,
+    gumbel_max,
+    inverse_cdf,
+    plan_steps,
+    proposal_log_probs,
+)
 from .models.base import Denoiser
 from .output import SMCOutput, SMCPath
 from .potentials import Potential
@@ -204,8 +214,9 @@ class SMCSampler:
             index = None
             if k > 0:
                 layout.settle(log_w)
+            if k > 0 and N > 1:  # one particle: its ESS is 1 (as filled in) and it never resamples
                 trace.ess[:, k - 1] = ess(log_w)
-                chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block)) & (N > 1)
+                chosen = self.strategy(log_w, StepInfo(k, T, plan.opens_block))
                 if chosen.any():
                     index = self._resample(log_w, chosen, resample_rows, trace, k - 1)
                     x, prev_twist, base_lp, index = layout.follow(
@@ -276,7 +287,7 @@ class SMCSampler:
         else:
             candidates = x.clone(memory_format=torch.contiguous_format)
             where = _flat_index(masked)
-            candidates.view(-1)[where] = _gumbel_at(ctx, log_q, masked, _source(where, source))
+            candidates.view(-1)[where] = _inverse_cdf_at(ctx, log_q, masked, _source(where, source))
             if source is None:
                 picked = q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1)
             else:
@@ -390,6 +401,19 @@ def _gumbel_at(ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor) 
     torch.index_select(flat, 0, rows_at, out=rows)
     u = ctx.scratch.get("uniforms", (M, V), torch.float64, where.device)
     return gumbel_max(rows, ctx.rand_at(where, (V,), out=u), overwrite_u=True)
+
+
+def _inverse_cdf_at(ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor) -> Tensor:
+    """Candidates at every True entry of ``where [R, L]`` (rows ``rows_at`` of ``log_q``), one
+    float64 uniform each from the prompt's generator: ``inverse_cdf(exp(log_q[where]), u)``, the
+    ``[M, V]`` probabilities computed in place in a ``ctx.scratch`` buffer."""
+    V = log_q.shape[-1]
+    flat = log_q.reshape(-1, V)
+    if ctx.scratch is None:
+        return inverse_cdf(flat[rows_at].exp(), ctx.rand_at(where))
+    probs = ctx.scratch.get("log_q_rows", (rows_at.numel(), V), log_q.dtype, log_q.device)
+    torch.index_select(flat, 0, rows_at, out=probs)
+    return inverse_cdf(probs.exp_(), ctx.rand_at(where))
 
 
 class _PathRecorder:

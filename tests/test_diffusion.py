@@ -16,6 +16,7 @@ from lightning_smc.diffusion import (
     get_schedule,
     get_unmasking,
     gumbel_max,
+    inverse_cdf,
     plan_steps,
     proposal_log_probs,
     sample_categorical,
@@ -238,6 +239,91 @@ def test_gumbel_frequency_check_has_power():
     p = torch.softmax(logits, -1)
     counts = torch.bincount(tokens, minlength=V).to(torch.float64)
     assert torch.any((counts - n * p).abs() > Z_MAX * torch.sqrt(n * p * (1 - p)))
+
+
+def _inverse_cdf_counts(probs: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    tokens = inverse_cdf(
+        probs.expand(n, -1).contiguous(), torch.rand(n, generator=gen(seed), dtype=torch.float64)
+    )
+    return torch.bincount(tokens, minlength=probs.shape[-1]).to(torch.float64)
+
+
+@pytest.mark.parametrize("vocab", [3, 64, 131, 300])
+def test_inverse_cdf_frequencies_match_probabilities(vocab):
+    """Every token, across chunk boundaries (V below, at and above the chunk of 64, and not a
+    multiple of it); a zero-probability token (the mask) is never drawn."""
+    n = 400_000
+    log_q = torch.randn(vocab, generator=gen(20 + vocab)) * 2
+    log_q[vocab // 2] = -torch.inf
+    p = torch.softmax(log_q.double(), -1)
+    counts = _inverse_cdf_counts(log_q.softmax(-1), n, 21 + vocab)
+    assert counts[vocab // 2] == 0
+    se = torch.sqrt(n * p * (1 - p))
+    ok = p > 0
+    z = ((counts - n * p).abs() / se)[ok]
+    # a Bonferroni-style bound: Z_MAX per token is conservative for up to 300 tokens
+    assert torch.all(z <= Z_MAX), f"max z = {z.max():.2f}"
+
+
+def test_inverse_cdf_frequency_check_has_power():
+    """The same tolerance rejects an off-by-one draw inside a chunk (the neighbour's mass)."""
+    n = 400_000
+    probs = torch.softmax(torch.randn(131, generator=gen(30)) * 2, -1)
+    counts = _inverse_cdf_counts(probs, n, 31)
+    shifted = torch.roll(counts, 1)  # what returning k + 1 instead of k would give
+    p = probs.double()
+    se = torch.sqrt(n * p * (1 - p))
+    assert torch.all((counts - n * p).abs() <= Z_MAX * se)
+    assert torch.any((shifted - n * p).abs() > Z_MAX * se)
+
+
+def test_inverse_cdf_keeps_tiny_probabilities():
+    """A token of probability 1e-3 among tokens of 1e-13 is drawn at its rate, and a token of
+    probability 1e-9 after one of probability ~1 keeps its interval (in a one-level float32
+    cumulative sum ``1 + 1e-9 == 1``: it could never be drawn)."""
+    probs = torch.zeros(1, 128)
+    probs[0, 0], probs[0, 77] = 1.0, 1e-9
+    total = 1.0 + float(probs[0, 77])
+    u = torch.tensor([(1.0 + 0.5 * float(probs[0, 77])) / total], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [77]
+    assert inverse_cdf(probs, u - 1e-9).tolist() == [0]
+    n = 2_000_000
+    log_q = torch.full((128,), -30.0)
+    log_q[0], log_q[77] = 0.0, math.log(1e-3)
+    probs = torch.softmax(log_q, -1)
+    counts = _inverse_cdf_counts(probs, n, 32)
+    p = float(probs[77])
+    assert abs(counts[77] - n * p) <= Z_MAX * math.sqrt(n * p)
+    assert counts.sum() == n
+
+
+def test_inverse_cdf_matches_a_float64_cumulative_sum():
+    """Same draws as ``searchsorted(cumsum(float64 probs), u * total, right=True)``."""
+    g = gen(33)
+    probs = torch.softmax(torch.randn(5000, 300, generator=g) * 3, -1)
+    probs[:, 17] = 0.0
+    u = torch.rand(5000, generator=g, dtype=torch.float64)
+    cum = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    assert torch.equal(inverse_cdf(probs, u), expected)
+
+
+def test_inverse_cdf_edges_and_errors():
+    # u at the top of [0, 1) with empty trailing chunks: the last token with mass, never a zero
+    probs = torch.zeros(2, 200)
+    probs[:, 3], probs[:, 70] = 0.25, 0.75
+    u = torch.full((2,), 1.0 - 2.0**-53, dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [70, 70]
+    assert inverse_cdf(probs, torch.zeros(2, dtype=torch.float64)).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="no probability mass"):
+        inverse_cdf(torch.zeros(1, 5), torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="no probability mass"):
+        inverse_cdf(torch.tensor([[0.5, float("nan")]]), torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one uniform per row"):
+        inverse_cdf(torch.ones(3, 5), torch.zeros(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[M, V\]"):
+        inverse_cdf(torch.ones(5), torch.zeros(1, dtype=torch.float64))
+    assert inverse_cdf(torch.ones(0, 5), torch.zeros(0, dtype=torch.float64)).shape == (0,)
 
 
 def test_sample_categorical_is_reproducible_and_returns_log_q():

@@ -309,3 +309,55 @@ def test_drives_the_smc_sampler():
     )
     assert out.tokens.shape == (2, 2, 8)
     assert ((out.tokens >= 0) & (out.tokens < V - 1)).all()
+
+
+class _Undeclared:
+    """The same MDLM without ``outputs_log_probs``: the sampler renormalizes its outputs."""
+
+    def __init__(self, model):
+        self.model, self.vocab_size, self.mask_id = model, model.vocab_size, model.mask_id
+
+    def __call__(self, x_t, t, cond=None):
+        return self.model(x_t, t, cond)
+
+
+@pytest.mark.parametrize("unmasking", ["ancestral", "low_confidence"])
+def test_log_prob_outputs_are_used_as_they_are(unmasking):
+    """MDLM declares normalized outputs: the sampler skips its log_softmax (one [R, L, V] pass per
+    step) and samples exactly what renormalizing would, with weights equal up to float32
+    rounding of the normalizer (which is 0 up to a few ulps)."""
+    from lightning_smc.context import denoiser_log_probs, outputs_log_probs
+    from lightning_smc.models.lora import LoRADenoiser
+
+    torch.manual_seed(0)
+    model = MDLMDenoiser(**{**TINY, "model_length": 12}).eval()
+    lora = LoRADenoiser(MDLMDenoiser(**{**TINY, "model_length": 12}), rank=2)
+    assert outputs_log_probs(model) and outputs_log_probs(lora)
+    assert outputs_log_probs(lora.base_denoiser)
+    x = torch.full((3, 12), model.mask_id)
+    x[:, :4] = torch.arange(4)
+    with torch.no_grad():
+        log_p = model(x, torch.full((3,), 0.5))
+    assert denoiser_log_probs(log_p, model.mask_id, normalized=True) is log_p
+    renormalized = denoiser_log_probs(log_p, model.mask_id)
+    assert renormalized is not log_p
+    torch.testing.assert_close(renormalized, log_p, rtol=0, atol=1e-5)
+    kwargs = dict(num_particles=4, num_steps=6, unmasking=unmasking, potential=ls.SelfReward())
+    runs = [
+        ls.SMCSampler(d, **kwargs).sample(
+            12, batch_size=2, generator=torch.Generator().manual_seed(3)
+        )
+        for d in (model, _Undeclared(model))
+    ]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[0].log_weights, runs[1].log_weights, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0].log_normalizer, runs[1].log_normalizer, rtol=1e-5, atol=1e-5)
+
+
+def test_declared_log_probs_with_a_live_mask_column_are_renormalized():
+    from lightning_smc.context import denoiser_log_probs
+
+    logits = torch.randn(2, 3, 6)
+    out = denoiser_log_probs(logits, mask_id=5, normalized=True)
+    assert torch.isneginf(out[..., 5]).all()
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 3))

@@ -1,9 +1,9 @@
 """Masked-diffusion math: schedules ``alpha(t)``, unmasking policies and step plans, and
-categorical sampling (float64 Gumbel-max, temperature, top-p). DESIGN.md §3 fixes the
+categorical sampling (float64 Gumbel-max, one-uniform inverse CDF, temperature, top-p). DESIGN.md §3 fixes the
 conventions: ``t = 1`` fully masked, ``alpha(0) = 1``, the mask token is never drawn and clean
 tokens carry over unchanged."""
 
-from .categorical import gumbel_max, proposal_log_probs, sample_categorical
+from .categorical import gumbel_max, inverse_cdf, proposal_log_probs, sample_categorical
 from .schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, Schedule, get_schedule
 from .unmasking import (
     UNMASKING_POLICIES,
@@ -32,6 +32,7 @@ __all__ = [
     "get_schedule",
     "get_unmasking",
     "gumbel_max",
+    "inverse_cdf",
     "plan_steps",
     "proposal_log_probs",
     "sample_categorical",

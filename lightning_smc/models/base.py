@@ -2,6 +2,9 @@
 
 A denoiser maps ``(x_t [B, L] long, t [B] float, cond)`` to logits ``[B, L, vocab_size]`` of
 ``p_theta(x0 | x_t)``; ``vocab_size`` includes ``mask_id``. It never samples (DESIGN.md §2).
+A denoiser whose outputs are already normalized log-probabilities with the mask logit
+``-inf`` (MDLM's SUBS parameterization) may say so with ``outputs_log_probs = True``; the
+sampler then uses them as they are instead of renormalizing (optional; default ``False``).
 
 ``ExactDenoiser`` holds a joint distribution ``p0`` over ``V^L`` (small ``V`` and ``L``) and
 returns its exact conditionals: for a masked position ``i``,

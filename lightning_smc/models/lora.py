@@ -59,6 +59,7 @@ class _AdapterDisabled:
         self._lora = lora
         self.vocab_size, self.mask_id = lora.vocab_size, lora.mask_id
         self.time_conditioning = lora.time_conditioning
+        self.outputs_log_probs = lora.outputs_log_probs
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         with self._lora.peft.disable_adapter():
@@ -97,6 +98,7 @@ class LoRADenoiser(nn.Module):
         if not alpha > 0:
             raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
         self.vocab_size, self.mask_id = base.vocab_size, base.mask_id
+        self.outputs_log_probs = bool(getattr(base, "outputs_log_probs", False))
         self.time_conditioning = bool(getattr(base, "time_conditioning", False)) or bool(
             getattr(getattr(base, "config", None), "time_conditioning", False)
         )

@@ -231,6 +231,8 @@ class _Backbone(nn.Module):
 class MDLMDenoiser(nn.Module):
     """``ls.Denoiser``: ``(x_t [B, L], t [B]) -> log p_theta(x0 | x_t) [B, L, vocab_size]`` (SUBS)."""
 
+    #: the outputs are normalized log-probabilities (SUBS): the sampler does not renormalize them
+    outputs_log_probs = True
     #: default LoRA targets (``LoRADenoiser``): attention and MLP of every DiT block
     lora_target_modules = ("attn_qkv", "attn_out", "mlp.0", "mlp.2")
 
