@@ -7,6 +7,11 @@ network evaluations actually performed: ``evaluations / R`` is the honest NFE pe
 Rows follow their ancestors through ``reorder`` after a resample; when particles are sharded
 over processes (``sharding.ParticleShards``), rows received from another process are evaluated
 with ``evaluate`` (counted in ``evaluations``) and the new state is set with ``adopt``.
+
+``normalize=False`` returns the denoiser's outputs with the mask removed but not normalized:
+the sampler then normalizes only the rows it reads (``SMCSampler`` decides when that is
+exact). Full normalizations are written into one reused buffer (no fresh ``[R, L, V]`` memory
+per step); a returned tensor is valid until the next call.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ __all__ = ["CachedDenoiser"]
 
 
 class CachedDenoiser:
-    def __init__(self, denoiser: Denoiser, enabled: bool = False):
+    def __init__(self, denoiser: Denoiser, enabled: bool = False, normalize: bool = True):
         if enabled and getattr(denoiser, "time_conditioning", False):
             raise ValueError(
                 "cache=True needs a denoiser without time conditioning (its logits must depend on "
@@ -30,6 +35,8 @@ class CachedDenoiser:
             )
         self.denoiser, self.enabled = denoiser, enabled
         self.normalized = outputs_log_probs(denoiser)
+        self.normalize = normalize
+        self._buffer: Tensor | None = None
         self.x: Tensor | None = None
         self.log_probs: Tensor | None = None
         self.evaluations = 0
@@ -37,12 +44,12 @@ class CachedDenoiser:
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         """``log p_theta(x0 | x_t)`` with the mask removed, ``[R, L, V]``."""
         if not self.enabled or self.x is None:
-            self.log_probs = self._log_probs(self.denoiser(x_t, t, cond))
+            self.log_probs = self._log_probs(self.denoiser(x_t, t, cond), reuse=True)
             self.evaluations += x_t.shape[0]
         else:
             stale = (x_t != self.x).any(-1).nonzero().flatten()
             if len(stale) == x_t.shape[0]:
-                self.log_probs = self._log_probs(self.denoiser(x_t, t, cond))
+                self.log_probs = self._log_probs(self.denoiser(x_t, t, cond), reuse=True)
             elif len(stale):
                 fresh = self.denoiser(x_t[stale], t[stale], index_rows(cond, stale))
                 self.log_probs = self.log_probs.clone()
@@ -62,8 +69,20 @@ class CachedDenoiser:
         self.evaluations += x_t.shape[0]
         return self._log_probs(self.denoiser(x_t, t, cond))
 
-    def _log_probs(self, output: Tensor) -> Tensor:
-        return denoiser_log_probs(output, self.denoiser.mask_id, self.normalized)
+    def _log_probs(self, output: Tensor, reuse: bool = False) -> Tensor:
+        """Normalized (or, with ``normalize=False``, mask-removed) outputs; ``reuse``: write into
+        the buffer of the previous full evaluation, which nothing reads any more."""
+        out = None
+        if reuse and self.normalize and not self.normalized:
+            if self._buffer is None or self._buffer.shape != output.shape:
+                self._buffer = None  # free the old one first
+                self._buffer = output.new_empty(output.shape)
+            elif self._buffer.dtype != output.dtype or self._buffer.device != output.device:
+                self._buffer = output.new_empty(output.shape)
+            out = self._buffer
+        return denoiser_log_probs(
+            output, self.denoiser.mask_id, self.normalized, normalize=self.normalize, out=out
+        )
 
     def adopt(self, x_t: Tensor, log_probs: Tensor) -> Tensor:
         """Make ``log_probs`` the cached log-probabilities of ``x_t`` (rows rebuilt elsewhere)."""

@@ -112,20 +112,34 @@ class StepContext:
         return self.x_t == self.mask_id
 
 
-def denoiser_log_probs(logits: Tensor, mask_id: int, normalized: bool = False) -> Tensor:
+def denoiser_log_probs(
+    logits: Tensor,
+    mask_id: int,
+    normalized: bool = False,
+    *,
+    normalize: bool = True,
+    out: Tensor | None = None,
+) -> Tensor:
     """``log p(x0 | x_t)`` with the mask token removed (it is never a clean value).
 
     ``logits`` is never modified; a contiguous tensor whose mask column is already all ``-inf``
     (MDLM, ``TinyTransformerDenoiser``, ``ExactDenoiser``) is normalized without a copy.
     ``normalized=True`` (see ``outputs_log_probs``): the denoiser already returns
     log-probabilities, so a tensor whose mask column is ``-inf`` is returned as it is (one
-    ``[R, L, V]`` pass fewer per step); anything else is normalized as above."""
+    ``[R, L, V]`` pass fewer per step); anything else is normalized as above.
+    ``normalize=False``: only remove the mask (the caller normalizes the rows it reads, see
+    ``SMCSampler``). ``out``: a buffer of the right shape and dtype to normalize into (the same
+    values as a fresh result; reusing it avoids faulting in new memory at every step)."""
     mask_free = logits.is_contiguous() and bool(torch.isneginf(logits[..., mask_id]).all())
     if normalized and mask_free:
         return logits
     if not mask_free:
         logits = logits.clone()
         logits[..., mask_id] = -torch.inf
+    if not normalize:
+        return logits
+    if out is not None and out.shape == logits.shape and out.dtype == logits.dtype:
+        return torch.log_softmax(logits, dim=-1, out=out)
     return torch.log_softmax(logits, dim=-1)
 
 

@@ -49,7 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cache import CachedDenoiser
-from .context import Scratch, StepContext, expand_rows
+from .context import Scratch, StepContext, expand_rows, outputs_log_probs
 from .diffusion import (
     StepPlan,
     get_unmasking,
@@ -191,7 +191,8 @@ class SMCSampler:
             trace.new_weights(),
             torch.zeros(B * n, dtype=torch.float64, device=x.device),
         )
-        network = CachedDenoiser(self.denoiser, self.cache)
+        rows_only = self._normalizes_rows_only()
+        network = CachedDenoiser(self.denoiser, self.cache, normalize=not rows_only)
         scratch = Scratch()
         extra_evals = 0
         path = _PathRecorder() if record_path else None
@@ -224,7 +225,7 @@ class SMCSampler:
                     )
                     ctx.x_t = x
             x_from = x
-            x, increment = self._propagate(ctx, base_lp, index)
+            x, increment = self._propagate(ctx, base_lp, index, rows_only)
             layout.add(log_w, increment)
             if path is not None:
                 path.add(x_from, x, plan, prev_twist)
@@ -254,14 +255,38 @@ class SMCSampler:
         offsets = torch.arange(log_w.shape[0], device=log_w.device).unsqueeze(1) * N
         return (trace.ancestors[:, k] + offsets).flatten()
 
+    def _normalizes_rows_only(self) -> bool:
+        """Whether a step reads ``log p_theta`` only at the positions it draws from, so that the
+        sampler may normalize just those rows of the logits: the base kernel, untempered, with
+        no offset and no twist reading the log-probs (plain sampling, best-of-N, SR-SMC), in
+        one process, for a denoiser whose outputs are not normalized already. Each row is
+        normalized by the same ``log_softmax`` as the whole tensor, so results are identical."""
+        potential = type(self.potential)
+        return (
+            not outputs_log_probs(self.denoiser)
+            and self.proposal is None
+            and not self.potential.proposes
+            and potential.offset is Potential.offset
+            and potential.twist is Potential.twist
+            and self.temperature == 1.0
+            and self.top_p == 1.0
+            and isinstance(self.layout, LocalParticles)
+        )
+
     def _propagate(
-        self, ctx: StepContext, base_lp: Tensor, index: Tensor | None = None
+        self,
+        ctx: StepContext,
+        base_lp: Tensor,
+        index: Tensor | None = None,
+        rows_only: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Commit tokens at the policy's positions; returns ``(x_s, increment [R])``.
 
         ``index [R]``: the rows were just resampled and row ``r`` of ``base_lp`` belongs to particle
         ``index[r]``'s ancestor, i.e. the log-probs of ``ctx.x_t`` are ``base_lp[index]``; only the
-        entries used are read through it (every value is the same as after that gather)."""
+        entries used are read through it (every value is the same as after that gather).
+        ``rows_only`` (see ``_normalizes_rows_only``): ``base_lp`` holds mask-removed logits and
+        the rows drawn from are normalized here."""
         x, plan = ctx.x_t, ctx.plan
         offset = self.potential.offset(ctx)
         untempered = self.temperature == 1.0 and self.top_p == 1.0
@@ -279,16 +304,21 @@ class SMCSampler:
         block = slice(plan.block_start, plan.block_end)
         masked = torch.zeros_like(x, dtype=torch.bool)
         masked[:, block] = x[:, block] == ctx.mask_id
+        lp = None  # log p_theta of the committed tokens, when read from normalized rows here
         if self.policy.value_independent:
             u = ctx.rows.rand((ctx.num_particles, L), x.device).view_as(x)
             commit = self.policy.select(masked, plan, u=u)
             at = _flat_index(commit)
-            tokens = _gumbel_at(ctx, log_q, commit, _source(at, source))
+            tokens, lp = _gumbel_at(ctx, log_q, commit, _source(at, source), rows_only)
         else:
             candidates = x.clone(memory_format=torch.contiguous_format)
             where = _flat_index(masked)
-            candidates.view(-1)[where] = _inverse_cdf_at(ctx, log_q, masked, _source(where, source))
-            if source is None:
+            drawn, drawn_lp = _inverse_cdf_at(ctx, log_q, masked, _source(where, source), rows_only)
+            candidates.view(-1)[where] = drawn
+            if rows_only:  # clean positions are never selected: their confidence is not read
+                picked = torch.zeros((R, L), dtype=drawn_lp.dtype, device=x.device)
+                picked.view(-1)[where] = drawn_lp
+            elif source is None:
                 picked = q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1)
             else:
                 picked = _entries(q_lp, source, candidates.clamp_max(V - 1).view(-1)).view(R, L)
@@ -296,16 +326,20 @@ class SMCSampler:
             commit = self.policy.select(masked, plan, confidence=confidence)
             at = _flat_index(commit)
             tokens = candidates.view(-1)[at]
+            if rows_only:
+                lp = picked.view(-1)[at]
         x_s = x.clone(memory_format=torch.contiguous_format)
         x_s.view(-1)[at] = tokens
-        # the committed entries of [R, L, V] tensors, read in place (no [#committed, V] copies)
-        lp = _entries(base_lp, _source(at, source), tokens).to(torch.float64)
+        if lp is None:
+            # the committed entries of [R, L, V] tensors, read in place (no [#committed, V] copies)
+            lp = _entries(base_lp, _source(at, source), tokens)
+        lp = lp.to(torch.float64)
         target = self.potential.exponent * lp
         if offset is not None:
             target = target + _entries(offset, at, tokens).to(torch.float64)
-        if correct:
+        if correct and not rows_only:
             reference = _entries(log_q, _source(at, source), tokens).to(torch.float64)
-        else:
+        else:  # (rows_only: the base kernel, log q = log p)
             reference = lp
         increment = torch.zeros(R, dtype=torch.float64, device=x.device)
         increment.index_add_(0, at // L, target - reference)
@@ -387,33 +421,60 @@ def _entries(values: Tensor, at: Tensor, tokens: Tensor) -> Tensor:
     return values.reshape(-1, values.shape[-1])[at, tokens]
 
 
-def _gumbel_at(ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor) -> Tensor:
+def _gather_rows(ctx: StepContext, log_q: Tensor, rows_at: Tensor, name: str) -> Tensor:
+    """Rows ``rows_at`` of ``log_q [.., V]`` as ``[M, V]`` (in a ``ctx.scratch`` buffer if any)."""
+    flat = log_q.reshape(-1, log_q.shape[-1])
+    if ctx.scratch is None:
+        return flat[rows_at]
+    rows = ctx.scratch.get(name, (rows_at.numel(), flat.shape[-1]), log_q.dtype, log_q.device)
+    return torch.index_select(flat, 0, rows_at, out=rows)
+
+
+def _normalized(ctx: StepContext, rows: Tensor) -> Tensor:
+    """``log_softmax`` of gathered logit rows (into a scratch buffer if any)."""
+    if ctx.scratch is None:
+        return torch.log_softmax(rows, dim=-1)
+    out = ctx.scratch.get("normalized_rows", rows.shape, rows.dtype, rows.device)
+    return torch.log_softmax(rows, dim=-1, out=out)
+
+
+def _gumbel_at(
+    ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor, normalize: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Gumbel-max tokens at the True entries of ``where [R, L]``, whose rows of ``log_q [.., V]``
     are the flat rows ``rows_at``: the same draws as ``gumbel_max(log_q[where], ctx.rand_at(where,
     (V,)))``, with those rows and the uniforms written into ``ctx.scratch`` buffers (no fresh
-    ``[M, V]`` memory per step)."""
+    ``[M, V]`` memory per step). ``normalize``: ``log_q`` holds logits; the gathered rows are
+    normalized first and the tokens' log-probabilities are returned too (else ``None``)."""
     V = log_q.shape[-1]
-    flat = log_q.reshape(-1, V)
+    rows = _gather_rows(ctx, log_q, rows_at, "log_q_rows")
+    if normalize:
+        rows = _normalized(ctx, rows)
     if ctx.scratch is None:
-        return gumbel_max(flat[rows_at], ctx.rand_at(where, (V,)))
-    M = rows_at.numel()
-    rows = ctx.scratch.get("log_q_rows", (M, V), log_q.dtype, log_q.device)
-    torch.index_select(flat, 0, rows_at, out=rows)
-    u = ctx.scratch.get("uniforms", (M, V), torch.float64, where.device)
-    return gumbel_max(rows, ctx.rand_at(where, (V,), out=u), overwrite_u=True)
+        tokens = gumbel_max(rows, ctx.rand_at(where, (V,)))
+    else:
+        u = ctx.scratch.get("uniforms", (rows_at.numel(), V), torch.float64, where.device)
+        tokens = gumbel_max(rows, ctx.rand_at(where, (V,), out=u), overwrite_u=True)
+    if not normalize:
+        return tokens, None
+    return tokens, rows.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _inverse_cdf_at(ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor) -> Tensor:
+def _inverse_cdf_at(
+    ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor, normalize: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Candidates at every True entry of ``where [R, L]`` (rows ``rows_at`` of ``log_q``), one
     float64 uniform each from the prompt's generator: ``inverse_cdf(exp(log_q[where]), u)``, the
-    ``[M, V]`` probabilities computed in place in a ``ctx.scratch`` buffer."""
-    V = log_q.shape[-1]
-    flat = log_q.reshape(-1, V)
-    if ctx.scratch is None:
-        return inverse_cdf(flat[rows_at].exp(), ctx.rand_at(where))
-    probs = ctx.scratch.get("log_q_rows", (rows_at.numel(), V), log_q.dtype, log_q.device)
-    torch.index_select(flat, 0, rows_at, out=probs)
-    return inverse_cdf(probs.exp_(), ctx.rand_at(where))
+    ``[M, V]`` probabilities computed in a ``ctx.scratch`` buffer. ``normalize``: ``log_q`` holds
+    logits; the gathered rows are normalized first and the candidates' log-probabilities are
+    returned too (else ``None``)."""
+    rows = _gather_rows(ctx, log_q, rows_at, "log_q_rows")
+    u = ctx.rand_at(where)
+    if not normalize:  # (rows is a copy: exponentiate it in place)
+        return inverse_cdf(rows.exp_(), u), None
+    log_p = _normalized(ctx, rows)
+    tokens = inverse_cdf(torch.exp(log_p, out=rows), u)
+    return tokens, log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class _PathRecorder:

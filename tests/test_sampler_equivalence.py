@@ -715,6 +715,72 @@ def test_denoiser_log_probs_matches_reference():
     assert torch.equal(logits, kept)
 
 
+def test_denoiser_log_probs_into_a_buffer_and_unnormalized():
+    from lightning_smc.context import denoiser_log_probs
+
+    logits = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+    logits[..., 5] = -torch.inf
+    buffer = torch.full_like(logits, 7.0)
+    out = denoiser_log_probs(logits, 5, out=buffer)
+    assert out is buffer and torch.equal(out, _ref_denoiser_log_probs(logits, 5))
+    assert denoiser_log_probs(logits, 5, normalize=False) is logits  # mask already removed
+    live = torch.randn(2, 3, 6)
+    removed = denoiser_log_probs(live, 5, normalize=False)
+    assert torch.isneginf(removed[..., 5]).all() and torch.equal(removed[..., :5], live[..., :5])
+
+
+ROWS_ONLY = {  # does a step read log p only where it draws? (then only those rows are normalized)
+    "tiny-ancestral-plain": True,
+    "tiny-ancestral-selfreward-N4": True,
+    "tiny-lowconf-selfreward": True,
+    "tiny-threshold-blocks": True,
+    "tiny-cache-ancestral": True,
+    "tiny-tilt-M2": False,  # the twist reads the whole tensor
+    "tiny-product": False,  # offset and a normalized mixture
+    "tiny-proposal-random": False,  # log q of another denoiser
+    "tiny-temp-topp-lowconf": False,  # tempered, top-p
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS_ONLY))
+def test_rows_only_normalization_is_chosen_when_exact(name, monkeypatch):
+    """Where a step reads log p only at drawn rows, the full [R, L, V] log_softmax is skipped
+    (the outputs stay bit-identical to the reference loop, which normalizes everything)."""
+    import lightning_smc.cache as cache_module
+
+    denoiser, kwargs, _ = _config(name)
+    assert SMCSampler(denoiser, **kwargs)._normalizes_rows_only() is ROWS_ONLY[name]
+    full = []
+    real = cache_module.denoiser_log_probs
+
+    def spy(logits, mask_id, normalized=False, *, normalize=True, out=None):
+        full.append(normalize)
+        return real(logits, mask_id, normalized, normalize=normalize, out=out)
+
+    monkeypatch.setattr(cache_module, "denoiser_log_probs", spy)
+    current = run_config(name)
+    assert full and all(n is not ROWS_ONLY[name] for n in full)
+    monkeypatch.undo()
+    _assert_same(current, _reference_run(name, monkeypatch))
+
+
+def test_rows_only_is_off_for_log_prob_denoisers_and_custom_twists():
+    from lightning_smc.models.mdlm import MDLMDenoiser
+
+    mdlm = MDLMDenoiser(
+        vocab_size=10, model_length=8, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2
+    )
+    assert not SMCSampler(mdlm, num_particles=2, num_steps=4)._normalizes_rows_only()
+
+    class ReadsLogProbs(ls.SelfReward):
+        def twist(self, ctx, base_log_probs):
+            return base_log_probs.logsumexp(-1).sum(-1).double()
+
+    sampler = SMCSampler(tiny(), num_particles=2, num_steps=4, potential=ReadsLogProbs())
+    assert not sampler._normalizes_rows_only()
+    assert SMCSampler(tiny(), num_particles=2, num_steps=4)._normalizes_rows_only()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)  # as tests/conftest.py
     print(f'GOLDEN_PLATFORM = "{platform()}"')
