@@ -4,7 +4,10 @@ Notation (DESIGN.md §3): ``B`` prompts, ``N`` particles, ``R = B * N`` particle
 length, ``T`` steps; ``x [R, L]`` the state, ``log_w [B, N]`` float64 log-weights,
 ``log_Z [B]`` the running ``log Ẑ``. One step of the loop reads
 
-1. ``logits = denoiser(x_t, t, cond)``, ``log p = log_softmax`` with the mask removed;
+1. ``logits = denoiser(x_t, t, cond)``, ``log p = log_softmax`` with the mask removed (used as
+   they are when the denoiser declares ``outputs_log_probs``, as MDLM does; when a step reads
+   ``log p`` only at the positions it draws from, only those rows are normalized, with the same
+   per-row ``log_softmax``, see ``_normalizes_rows_only``);
 2. **reweight by the twist**: ``log_w += log gamma_t(x_t) - log gamma_prev`` (``RewardTilt``);
 3. **resample** the rows the strategy picks (never before the first step): ``log_Z +=
    log mean exp(log_w)``, particles, logits and twists follow their ancestors, ``log_w = 0``
