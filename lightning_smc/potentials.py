@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .context import StepContext, denoiser_log_probs, outputs_log_probs
-from .diffusion import gumbel_max
+from .diffusion import inverse_cdf
 from .models.base import Denoiser
 from .rewards.base import Reward, check_reward_output
 from .smc import log_mean_exp
@@ -126,7 +126,7 @@ class RewardTilt(Potential):
             x0 = ctx.x_t.unsqueeze(1).repeat(1, M, 1)  # [R, M, L]
             where = masked.unsqueeze(1).expand_as(x0)
             lp = base_log_probs.unsqueeze(1).expand(-1, M, -1, -1)[where]
-            x0[where] = gumbel_max(lp, ctx.rand_at(where, (lp.shape[-1],)))
+            x0[where] = inverse_cdf(lp.exp_(), ctx.rand_at(where))  # (lp is a copy)
         r = self.score(x0.reshape(-1, x0.shape[-1])).reshape(-1, M)
         return self.alpha * log_mean_exp(r / self.alpha, dim=-1)
 

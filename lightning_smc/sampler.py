@@ -15,10 +15,10 @@ length, ``T`` steps; ``x [R, L]`` the state, ``log_w [B, N]`` float64 log-weight
    needs through the ancestor index, unless a proposal, offset, temperature or top-p needs
    the whole tensor);
 4. **propose**: ``log q`` from the proposal (base kernel by default), temperature / top-p
-   applied; the unmasking policy picks positions; tokens drawn by float64 Gumbel-max at the
-   committed positions (``ancestral``, ``random``), or, for policies that rank sampled
-   candidates (``low_confidence``, ``threshold``), a candidate at every masked position by
-   ``inverse_cdf`` with one uniform each (``diffusion.categorical``);
+   applied; the unmasking policy picks positions; tokens drawn by ``inverse_cdf`` with one
+   float64 uniform each (``diffusion.categorical``) at the committed positions (``ancestral``,
+   ``random``), or, for policies that rank sampled candidates (``low_confidence``,
+   ``threshold``), a candidate at every masked position;
 5. **weight the move**: ``log_w += sum_committed [log pi(x_s) - log q(x_s)]`` (see ``potentials``).
 
 After the last step ``log_w += log gamma_0(x_0) - log gamma_prev`` and ``log_Z += log mean
@@ -56,7 +56,6 @@ from .context import Scratch, StepContext, expand_rows, outputs_log_probs
 from .diffusion import (
     StepPlan,
     get_unmasking,
-    gumbel_max,
     inverse_cdf,
     plan_steps,
     proposal_log_probs,
@@ -312,7 +311,7 @@ class SMCSampler:
             u = ctx.rows.rand((ctx.num_particles, L), x.device).view_as(x)
             commit = self.policy.select(masked, plan, u=u)
             at = _flat_index(commit)
-            tokens, lp = _gumbel_at(ctx, log_q, commit, _source(at, source), rows_only)
+            tokens, lp = _inverse_cdf_at(ctx, log_q, commit, _source(at, source), rows_only)
         else:
             candidates = x.clone(memory_format=torch.contiguous_format)
             where = _flat_index(masked)
@@ -441,35 +440,13 @@ def _normalized(ctx: StepContext, rows: Tensor) -> Tensor:
     return torch.log_softmax(rows, dim=-1, out=out)
 
 
-def _gumbel_at(
-    ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor, normalize: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """Gumbel-max tokens at the True entries of ``where [R, L]``, whose rows of ``log_q [.., V]``
-    are the flat rows ``rows_at``: the same draws as ``gumbel_max(log_q[where], ctx.rand_at(where,
-    (V,)))``, with those rows and the uniforms written into ``ctx.scratch`` buffers (no fresh
-    ``[M, V]`` memory per step). ``normalize``: ``log_q`` holds logits; the gathered rows are
-    normalized first and the tokens' log-probabilities are returned too (else ``None``)."""
-    V = log_q.shape[-1]
-    rows = _gather_rows(ctx, log_q, rows_at, "log_q_rows")
-    if normalize:
-        rows = _normalized(ctx, rows)
-    if ctx.scratch is None:
-        tokens = gumbel_max(rows, ctx.rand_at(where, (V,)))
-    else:
-        u = ctx.scratch.get("uniforms", (rows_at.numel(), V), torch.float64, where.device)
-        tokens = gumbel_max(rows, ctx.rand_at(where, (V,), out=u), overwrite_u=True)
-    if not normalize:
-        return tokens, None
-    return tokens, rows.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def _inverse_cdf_at(
     ctx: StepContext, log_q: Tensor, where: Tensor, rows_at: Tensor, normalize: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """Candidates at every True entry of ``where [R, L]`` (rows ``rows_at`` of ``log_q``), one
+    """Tokens at the True entries of ``where [R, L]`` (rows ``rows_at`` of ``log_q``), one
     float64 uniform each from the prompt's generator: ``inverse_cdf(exp(log_q[where]), u)``, the
     ``[M, V]`` probabilities computed in a ``ctx.scratch`` buffer. ``normalize``: ``log_q`` holds
-    logits; the gathered rows are normalized first and the candidates' log-probabilities are
+    logits; the gathered rows are normalized first and the tokens' log-probabilities are
     returned too (else ``None``)."""
     rows = _gather_rows(ctx, log_q, rows_at, "log_q_rows")
     u = ctx.rand_at(where)

@@ -19,7 +19,7 @@ identical on every rank**. Per step:
   (``batch_isend_irecv``; each particle crosses once per destination rank, see
   ``smc.plan_exchange``), with their tokens and twist. Their base log-probs are not shipped
   (``[L, V]`` per row): the receiver evaluates the denoiser on those rows (counted in ``nfe``);
-- **moves** (Gumbel noise, unmasking uniforms, a potential's ``x0`` samples) draw from
+- **moves** (token uniforms, unmasking uniforms, a potential's ``x0`` samples) draw from
   per-(prompt, rank) generators seeded ``derive_seed(s_b, rank)`` with ``s_b`` one draw from
   prompt ``b``'s generator (checked equal on all ranks), so ranks propose independently;
 - at the end ``tokens`` are all-gathered into ``[B, N, L]`` in global slot order: every rank

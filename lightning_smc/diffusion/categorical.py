@@ -1,31 +1,33 @@
-"""Categorical sampling for masked diffusion: temperature, top-p, float64 Gumbel-max.
+"""Categorical sampling for masked diffusion: temperature, top-p, one-uniform inverse CDF and
+float64 Gumbel-max.
 
 ``proposal_log_probs(logits, temperature, top_p, mask_id)`` turns logits ``[..., V]`` into the
 log-probabilities ``log q`` of the distribution actually sampled: the mask token removed
 (never drawn), divided by ``temperature`` (0 = greedy: a point mass on the argmax), restricted
-to the smallest top-probability set with mass ``>= top_p``. Samplers draw with
-``gumbel_max(log_q, u)``: ``argmax(log_q + G)``, ``G = -log(-log u)`` in float64 (float32 Gumbel
-noise biases low-probability tokens, as MDLM notes). Uniforms ``u`` are passed in so that the
+to the smallest top-probability set with mass ``>= top_p``. Uniforms are passed in so that the
 caller controls which generator produced them (one per prompt, see ``smc.seeding``).
 
-``gumbel_max`` returns exactly ``(log_q.double() - log(-log u.clamp_min(tiny))).argmax(-1)`` (same
-float64 operations, same first-index tie-break) but avoids most of that work on large
-vocabularies: an exact bound from two evaluated candidates per row (the largest ``u`` and the
-largest ``log_q``) rules out every token that cannot reach the maximum, only the survivors'
-Gumbel noise is evaluated, and anything that could be a near tie (within ``1e-9``, far above
-the few-ulp rounding differences of ``log``) falls back to the full computation, so the
-result never differs from it. ``overwrite_u=True`` lets it use ``u`` as its float64 work buffer.
+``inverse_cdf(probs, u)`` is how the sampler draws tokens: **one** float64 uniform per drawn
+position, the first token whose cumulative mass exceeds ``u * total`` (rows need not be
+normalized). Precision: the cumulative sum is two-level, float32 sums of chunks of 64 tokens
+located in a float64 running total, then a float64 cumulative sum inside the chosen chunk with
+the uniform rescaled to that chunk's own total; every token (a tiny-probability one too) is
+drawn with its probability up to a relative error of a few float32 ulps, the precision of
+``probs`` itself (the concern behind MDLM's float64 Gumbel noise: float32 noise under-samples
+low-probability tokens). A token of probability 0 (the mask, ``log q = -inf``) is never drawn.
+Cost: one ``exp`` pass over the drawn rows and a few small operations; Gumbel-max instead
+needs ``V`` float64 uniforms and two logarithms per drawn row, which cost more than the network
+itself when a step draws a candidate at every masked position (``low_confidence``).
 
-``inverse_cdf(probs, u)`` draws with **one** float64 uniform per row instead of ``V``: the first
-token whose cumulative mass exceeds ``u * total`` (rows need not be normalized). Gumbel-max
-needs ``V`` float64 uniforms per drawn row, which costs more than the network itself when a step
-draws a candidate at every masked position (``low_confidence`` / ``threshold`` unmasking,
-``[#masked, V]``); the sampler uses ``inverse_cdf`` there and Gumbel-max where it draws only the
-few committed positions. Precision: the cumulative sum is two-level, float32 sums of chunks of
-64 tokens located in a float64 running total, then a float64 cumulative sum inside the chosen
-chunk with the uniform rescaled to that chunk's own total; every token (a tiny-probability one
-too) is drawn with its probability up to a relative error of a few float32 ulps, the precision
-of ``probs`` itself. A token of probability 0 (the mask, ``log q = -inf``) is never drawn.
+``gumbel_max(log_q, u)``: ``argmax(log_q + G)``, ``G = -log(-log u)`` in float64, with ``V``
+uniforms per row (``sample_categorical`` uses it). It returns exactly
+``(log_q.double() - log(-log u.clamp_min(tiny))).argmax(-1)`` (same float64 operations, same
+first-index tie-break) but avoids most of that work on large vocabularies: an exact bound from
+two evaluated candidates per row (the largest ``u`` and the largest ``log_q``) rules out every
+token that cannot reach the maximum, only the survivors' Gumbel noise is evaluated, and anything
+that could be a near tie (within ``1e-9``, far above the few-ulp rounding differences of
+``log``) falls back to the full computation, so the result never differs from it.
+``overwrite_u=True`` lets it use ``u`` as its float64 work buffer.
 """
 
 from __future__ import annotations
