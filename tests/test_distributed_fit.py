@@ -129,9 +129,16 @@ def test_two_processes_match_one_process_with_the_global_batch(two_step_ddp):
     # the same global rollouts and transitions: the same losses and updates up to rounding
     # (float32 forwards of 2 vs 4 rows; Adam then divides by sqrt(v), so compare early steps)
     assert torch.allclose(torch.tensor(a0["losses"]), torch.tensor(b["losses"]), rtol=1e-5)
-    moved = max(float(v.abs().max()) for k, v in b["params"].items() if "lora_B" in k)
-    assert moved > 1e-3  # training moved the adapter (zero-initialised B) ...
-    assert _max_diff(a0["params"], b["params"]) < 1e-5  # ... and both world sizes agree
+    lora_b = [k for k in b["params"] if "lora_B" in k]
+    moved = torch.cat([b["params"][k].flatten() for k in lora_b])
+    assert float(moved.abs().max()) > 1e-3  # training moved the adapter (zero-initialised B) ...
+    # ... and both world sizes made the same update. Adam's first steps are ~lr * sign(gradient),
+    # so an entry whose gradient is at rounding level (~1e-9) can move by up to lr either way:
+    # almost every entry agrees to 1e-5 and the adapter's update agrees in norm.
+    diff = torch.cat([(a0["params"][k] - b["params"][k]).abs().flatten() for k in b["params"]])
+    assert float((diff > 1e-5).double().mean()) < 1e-3, int((diff > 1e-5).sum())
+    moved_a = torch.cat([a0["params"][k].flatten() for k in lora_b])
+    assert float((moved_a - moved).norm() / moved.norm()) < 1e-2
 
 
 def test_ddp_checkpoint_is_written_once_and_resumes_exactly(two_step_ddp):

@@ -23,7 +23,7 @@ def _word_rate(texts, vocabulary):
 def test_embedded_samples_are_mostly_corpus_words():
     denoiser, spec = load_checkpoint(EMBEDDED)
     sampler = SMCSampler(denoiser, num_steps=64, unmasking="ancestral")
-    out = sampler.sample(64, batch_size=4, generator=torch.Generator().manual_seed(0))
+    out = sampler.sample(64, batch_size=16, generator=torch.Generator().manual_seed(0))
     assert (out.tokens != denoiser.mask_id).all()
     texts = [spec.tokenizer.decode(x[0].tolist(), skip_special_tokens=True) for x in out.tokens]
     vocabulary = {
@@ -31,9 +31,11 @@ def test_embedded_samples_are_mostly_corpus_words():
     }
     rate, n = _word_rate(texts, vocabulary)
     g = torch.Generator().manual_seed(0)
-    noise = torch.randint(0, denoiser.mask_id, (4, 64), generator=g)
+    noise = torch.randint(0, denoiser.mask_id, (16, 64), generator=g)
     baseline, _ = _word_rate(
         [spec.tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in noise], vocabulary
     )
-    assert n > 40
-    assert rate > 0.8 and rate > baseline + 0.15, (rate, baseline, texts)
+    assert n > 300
+    # three standard errors of the word rate below it (the pooled rate over 96 samples is ~0.81)
+    low = rate - 3 * (rate * (1 - rate) / n) ** 0.5
+    assert low > 0.7 and low > baseline + 0.2, (rate, n, baseline, texts)
