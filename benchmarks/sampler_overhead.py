@@ -267,11 +267,15 @@ def run_benchmark(
     seed: int = 0,
     digest: bool = False,
     model: str = "tiny",
+    module: Any = None,
 ) -> dict[str, Any]:
-    """Build the denoiser and time every configuration; returns a JSON-ready dict."""
+    """Build the denoiser (or take ``module``, built by ``build_model(model, ...)``) and time
+    every configuration; returns a JSON-ready dict."""
     device = torch.device(device)
     model_name = model
-    model = build_model(model_name, sizes, seed).to(device).eval()
+    if module is None:
+        module = build_model(model_name, sizes, seed)
+    model = module.to(device).eval()
     denoiser = TimedDenoiser(model)
     results = {
         name: run_config(name, denoiser, sizes, device, repeats, profile, digest)
@@ -370,11 +374,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--repeats must be >= 1")
     sizes = Sizes(**asdict(QUICK)) if args.quick else Sizes()
     model = "tiny" if args.quick else args.model
-    shaped = [f for f in ("vocab_size", "d_model", "n_layers") if getattr(args, f) is not None]
+    tiny_flags = {"vocab_size": "--vocab-size", "d_model": "--d-model", "n_layers": "--layers"}
+    shaped = [flag for field, flag in tiny_flags.items() if getattr(args, field) is not None]
     if model == "embedded" and shaped:
         raise SystemExit(
-            f"--{shaped[0].replace('_', '-').replace('n-layers', 'layers')} sizes the tiny model; "
-            "the embedded model has its own sizes (add --model tiny)"
+            f"{shaped[0]} sizes the tiny model; the embedded model has its own sizes "
+            "(add --model tiny)"
         )
     for field in (
         "steps",
@@ -388,8 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ):
         if getattr(args, field) is not None:
             setattr(sizes, field, getattr(args, field))
-    if model == "embedded":  # read the checkpoint's sizes before printing them
-        build_model(model, sizes)
+    module = build_model(model, sizes)  # (the embedded model writes its sizes into sizes)
     name = "embedded MDLM (mdlm_tiny)" if model == "embedded" else "TinyTransformerDenoiser"
     print(
         f"{name}: vocab_size={sizes.vocab_size} d_model={sizes.d_model} layers={sizes.n_layers} "
@@ -406,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.profile,
         digest=args.digest,
         model=model,
+        module=module,
     )
     print(f"parameters: {report['parameters'] / 1e6:.2f}M")
     print(format_table(report))

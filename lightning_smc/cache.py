@@ -34,7 +34,7 @@ class CachedDenoiser:
                 "x_t only); set cache=False or use a model with time_conditioning=False"
             )
         self.denoiser, self.enabled = denoiser, enabled
-        self.normalized = outputs_log_probs(denoiser)
+        self.is_log_probs = outputs_log_probs(denoiser)
         self.normalize = normalize
         self._buffer: Tensor | None = None
         self.x: Tensor | None = None
@@ -73,15 +73,18 @@ class CachedDenoiser:
         """Normalized (or, with ``normalize=False``, mask-removed) outputs; ``reuse``: write into
         the buffer of the previous full evaluation, which nothing reads any more."""
         out = None
-        if reuse and self.normalize and not self.normalized:
-            if self._buffer is None or self._buffer.shape != output.shape:
-                self._buffer = None  # free the old one first
-                self._buffer = output.new_empty(output.shape)
-            elif self._buffer.dtype != output.dtype or self._buffer.device != output.device:
+        if reuse and self.normalize and not self.is_log_probs:
+            buffer = self._buffer
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
+                output.shape,
+                output.dtype,
+                output.device,
+            ):
+                self._buffer = None  # free the old one before allocating
                 self._buffer = output.new_empty(output.shape)
             out = self._buffer
         return denoiser_log_probs(
-            output, self.denoiser.mask_id, self.normalized, normalize=self.normalize, out=out
+            output, self.denoiser.mask_id, self.is_log_probs, normalize=self.normalize, out=out
         )
 
     def adopt(self, x_t: Tensor, log_probs: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ __all__ = [
     "denoiser_log_probs",
     "expand_rows",
     "index_rows",
+    "output_log_probs",
     "outputs_log_probs",
 ]
 
@@ -115,7 +116,7 @@ class StepContext:
 def denoiser_log_probs(
     logits: Tensor,
     mask_id: int,
-    normalized: bool = False,
+    is_log_probs: bool = False,
     *,
     normalize: bool = True,
     out: Tensor | None = None,
@@ -124,23 +125,29 @@ def denoiser_log_probs(
 
     ``logits`` is never modified; a contiguous tensor whose mask column is already all ``-inf``
     (MDLM, ``TinyTransformerDenoiser``, ``ExactDenoiser``) is normalized without a copy.
-    ``normalized=True`` (see ``outputs_log_probs``): the denoiser already returns
+    ``is_log_probs=True`` (see ``outputs_log_probs``): the denoiser already returns
     log-probabilities, so a tensor whose mask column is ``-inf`` is returned as it is (one
     ``[R, L, V]`` pass fewer per step); anything else is normalized as above.
     ``normalize=False``: only remove the mask (the caller normalizes the rows it reads, see
-    ``SMCSampler``). ``out``: a buffer of the right shape and dtype to normalize into (the same
-    values as a fresh result; reusing it avoids faulting in new memory at every step)."""
+    ``SMCSampler``). ``out``: a buffer of the logits' shape and dtype to normalize into (the
+    same values as a fresh result; reusing it avoids faulting in new memory at every step)."""
     mask_free = logits.is_contiguous() and bool(torch.isneginf(logits[..., mask_id]).all())
-    if normalized and mask_free:
+    if is_log_probs and mask_free:
         return logits
     if not mask_free:
         logits = logits.clone()
         logits[..., mask_id] = -torch.inf
     if not normalize:
         return logits
-    if out is not None and out.shape == logits.shape and out.dtype == logits.dtype:
+    if out is not None:
         return torch.log_softmax(logits, dim=-1, out=out)
     return torch.log_softmax(logits, dim=-1)
+
+
+def output_log_probs(denoiser: Any, output: Tensor) -> Tensor:
+    """``denoiser_log_probs`` of ``denoiser``'s ``output``, with its mask id and its
+    ``outputs_log_probs`` declaration."""
+    return denoiser_log_probs(output, denoiser.mask_id, outputs_log_probs(denoiser))
 
 
 def outputs_log_probs(denoiser: Any) -> bool:

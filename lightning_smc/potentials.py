@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .context import StepContext, denoiser_log_probs, outputs_log_probs
+from .context import StepContext, output_log_probs
 from .diffusion import inverse_cdf
 from .models.base import Denoiser
 from .rewards.base import Reward, check_reward_output
@@ -160,6 +160,6 @@ class ProductTarget(Potential):
 
     def offset(self, ctx: StepContext) -> Tensor:
         logits = self.second_denoiser(ctx.x_t, ctx.t, ctx.expand(self.second_cond))
-        lp2 = denoiser_log_probs(logits, ctx.mask_id, outputs_log_probs(self.second_denoiser))
+        lp2 = output_log_probs(self.second_denoiser, logits)
         # Outside the common support the target is 0: never let (1 - w) * (-inf) become +inf.
         return torch.where(torch.isfinite(lp2), (1.0 - self.exponent) * lp2, -torch.inf)

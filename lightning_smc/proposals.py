@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .context import StepContext, denoiser_log_probs, outputs_log_probs
+from .context import StepContext, output_log_probs
 from .models.base import Denoiser
 from .potentials import RewardTilt, get_twist_schedule
 from .rewards.base import Reward, check_reward_output
@@ -90,7 +90,7 @@ class DenoiserProposal:
                 f"DenoiserProposal: the proposal denoiser returned logits {tuple(logits.shape)} but the base "
                 f"model gives {tuple(base_log_probs.shape)}; both must share the vocabulary and mask_id"
             )
-        return denoiser_log_probs(logits, ctx.mask_id, outputs_log_probs(self.denoiser))
+        return output_log_probs(self.denoiser, logits)
 
 
 def _reward_name(reward: Any) -> str:

@@ -260,9 +260,10 @@ class SMCSampler:
     def _normalizes_rows_only(self) -> bool:
         """Whether a step reads ``log p_theta`` only at the positions it draws from, so that the
         sampler may normalize just those rows of the logits: the base kernel, untempered, with
-        no offset and no twist reading the log-probs (plain sampling, best-of-N, SR-SMC), in
-        one process, for a denoiser whose outputs are not normalized already. Each row is
-        normalized by the same ``log_softmax`` as the whole tensor, so results are identical."""
+        no offset and no twist reading the log-probs (plain sampling, best-of-N, SR-SMC), for a
+        denoiser whose outputs are not normalized already. Each row is normalized by the same
+        ``log_softmax`` as the whole tensor, so results are identical (rows a sharded layout
+        receives are evaluated through the same cache, so they arrive unnormalized too)."""
         potential = type(self.potential)
         return (
             not outputs_log_probs(self.denoiser)
@@ -272,7 +273,6 @@ class SMCSampler:
             and potential.twist is Potential.twist
             and self.temperature == 1.0
             and self.top_p == 1.0
-            and isinstance(self.layout, LocalParticles)
         )
 
     def _propagate(
@@ -423,12 +423,14 @@ def _entries(values: Tensor, at: Tensor, tokens: Tensor) -> Tensor:
     return values.reshape(-1, values.shape[-1])[at, tokens]
 
 
-def _gather_rows(ctx: StepContext, log_q: Tensor, rows_at: Tensor, name: str) -> Tensor:
+def _gather_rows(ctx: StepContext, log_q: Tensor, rows_at: Tensor) -> Tensor:
     """Rows ``rows_at`` of ``log_q [.., V]`` as ``[M, V]`` (in a ``ctx.scratch`` buffer if any)."""
     flat = log_q.reshape(-1, log_q.shape[-1])
     if ctx.scratch is None:
         return flat[rows_at]
-    rows = ctx.scratch.get(name, (rows_at.numel(), flat.shape[-1]), log_q.dtype, log_q.device)
+    rows = ctx.scratch.get(
+        "log_q_rows", (rows_at.numel(), flat.shape[-1]), log_q.dtype, log_q.device
+    )
     return torch.index_select(flat, 0, rows_at, out=rows)
 
 
@@ -448,7 +450,7 @@ def _inverse_cdf_at(
     ``[M, V]`` probabilities computed in a ``ctx.scratch`` buffer. ``normalize``: ``log_q`` holds
     logits; the gathered rows are normalized first and the tokens' log-probabilities are
     returned too (else ``None``)."""
-    rows = _gather_rows(ctx, log_q, rows_at, "log_q_rows")
+    rows = _gather_rows(ctx, log_q, rows_at)
     u = ctx.rand_at(where)
     if not normalize:  # (rows is a copy: exponentiate it in place)
         return inverse_cdf(rows.exp_(), u), None

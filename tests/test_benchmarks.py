@@ -1,4 +1,5 @@
-"""Smoke test of the sampler-overhead benchmark (benchmarks/sampler_overhead.py --quick).
+"""Smoke tests of the benchmarks (benchmarks/sampler_overhead.py --quick and on the embedded
+model at tiny sizes).
 
 Checks the table and the JSON report only; timings on shared CPUs are noisy, so no bound on
 the overhead ratio is asserted beyond what holds by construction (forward time <= wall time).
@@ -53,6 +54,27 @@ def test_sampler_overhead_quick(tmp_path):
         assert 0.0 < r["forward_s"] <= r["wall_s"]
         assert r["nfe"] == report["sizes"]["steps"]
         assert r["forward_calls"] == report["sizes"]["steps"]
+
+
+def test_sampler_overhead_on_the_embedded_model(tmp_path):
+    """The default model: the committed MDLM, sizes read from its checkpoint, log-prob outputs."""
+    out = tmp_path / "overhead.json"
+    args = ["--configs", "ancestral", "sr-smc", "--steps", "4", "--seq-len", "16"]
+    args += ["--particles", "2", "--repeats", "1", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "embedded MDLM (mdlm_tiny): vocab_size=4096" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["model"] == "embedded" and report["outputs_log_probs"] is True
+    assert report["sizes"]["vocab_size"] == 4096 and report["sizes"]["n_layers"] == 4
+    for r in report["configs"].values():
+        assert 0.0 < r["forward_s"] <= r["wall_s"] and r["forward_calls"] == 4
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), "--layers", "2"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "--layers sizes the tiny model" in refused.stderr
 
 
 @pytest.mark.slow  # four torchrun launches (~45 s); the 1-vs-2-process equality itself is in CI

@@ -338,7 +338,7 @@ def test_log_prob_outputs_are_used_as_they_are(unmasking):
     x[:, :4] = torch.arange(4)
     with torch.no_grad():
         log_p = model(x, torch.full((3,), 0.5))
-    assert denoiser_log_probs(log_p, model.mask_id, normalized=True) is log_p
+    assert denoiser_log_probs(log_p, model.mask_id, is_log_probs=True) is log_p
     renormalized = denoiser_log_probs(log_p, model.mask_id)
     assert renormalized is not log_p
     torch.testing.assert_close(renormalized, log_p, rtol=0, atol=1e-5)
@@ -358,6 +358,6 @@ def test_declared_log_probs_with_a_live_mask_column_are_renormalized():
     from lightning_smc.context import denoiser_log_probs
 
     logits = torch.randn(2, 3, 6)
-    out = denoiser_log_probs(logits, mask_id=5, normalized=True)
+    out = denoiser_log_probs(logits, mask_id=5, is_log_probs=True)
     assert torch.isneginf(out[..., 5]).all()
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 3))

@@ -54,9 +54,11 @@ def test_same_prompt_same_seed_alone_or_in_a_batch(name):
     )
     alone = sampler.sample(16, prompt=prompts[1:2], generator=[torch.Generator().manual_seed(7)])
     assert torch.equal(batch.tokens[1], alone.tokens[0])
-    # the draws are the same; weights are float32 network outputs, whose matmuls round
-    # differently with another batch size (a few float32 ulps)
-    f32 = dict(rtol=1e-5, atol=1e-5)
+    # the draws are the same; weights are sums over the 14 generated tokens of float32 network
+    # outputs, whose matmuls round differently with another batch size: allow one float32 ulp
+    # per token (measured: 4e-7)
+    ulps = 14 * torch.finfo(torch.float32).eps
+    f32 = dict(rtol=ulps, atol=ulps)
     torch.testing.assert_close(batch.log_weights[1], alone.log_weights[0], **f32)
     torch.testing.assert_close(batch.log_normalizer[1], alone.log_normalizer[0], **f32)
     assert torch.equal(batch.ancestors[1], alone.ancestors[0])

@@ -402,10 +402,14 @@ def _ref_rand_at(rows, mask, trailing=()):
     return torch.cat(parts) if parts else mask.new_empty((0, *trailing), dtype=torch.float64)
 
 
-def _ref_denoiser_log_probs(logits, mask_id, normalized=False):
+def _ref_denoiser_log_probs(logits, mask_id, is_log_probs=False):
     logits = logits.clone()
     logits[..., mask_id] = -torch.inf
     return torch.log_softmax(logits, dim=-1)
+
+
+def _ref_output_log_probs(denoiser, output):
+    return _ref_denoiser_log_probs(output, denoiser.mask_id)
 
 
 class _RefContext(StepContext):
@@ -537,8 +541,8 @@ def _assert_same(a: ls.SMCOutput, b: ls.SMCOutput) -> None:
 
 def _reference_run(name, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(potentials_module, "denoiser_log_probs", _ref_denoiser_log_probs)
-        m.setattr(proposals_module, "denoiser_log_probs", _ref_denoiser_log_probs)
+        m.setattr(potentials_module, "output_log_probs", _ref_output_log_probs)
+        m.setattr(proposals_module, "output_log_probs", _ref_output_log_probs)
         return run_config(name, _ReferenceSampler)
 
 
@@ -730,9 +734,9 @@ def test_rows_only_normalization_is_chosen_when_exact(name, monkeypatch):
     full = []
     real = cache_module.denoiser_log_probs
 
-    def spy(logits, mask_id, normalized=False, *, normalize=True, out=None):
+    def spy(logits, mask_id, is_log_probs=False, *, normalize=True, out=None):
         full.append(normalize)
-        return real(logits, mask_id, normalized, normalize=normalize, out=out)
+        return real(logits, mask_id, is_log_probs, normalize=normalize, out=out)
 
     monkeypatch.setattr(cache_module, "denoiser_log_probs", spy)
     current = run_config(name)

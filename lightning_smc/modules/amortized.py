@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..context import denoiser_log_probs, outputs_log_probs
+from ..context import output_log_probs
 from ..models.lora import LoRADenoiser
 from ..output import SMCPath
 from ..potentials import RewardTilt
@@ -104,8 +104,8 @@ def transition_log_weights(
     t = path.t.to(x_from.device).repeat_interleave(R)
     rows_cond = _repeat_cond(cond, K)
     with torch.no_grad():
-        log_p = denoiser_log_probs(base(x_from, t, rows_cond), mask_id, outputs_log_probs(base))
-    log_q = denoiser_log_probs(proposal(x_from, t, rows_cond), mask_id, outputs_log_probs(proposal))
+        log_p = output_log_probs(base, base(x_from, t, rows_cond))
+    log_q = output_log_probs(proposal, proposal(x_from, t, rows_cond))
     committed = (x_from == mask_id) & (x_to != mask_id)
     index = x_to.clamp_max(log_p.shape[-1] - 1).unsqueeze(-1)
     step_p = log_p.gather(-1, index).squeeze(-1).double()
