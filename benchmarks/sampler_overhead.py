@@ -234,7 +234,7 @@ def build_model(model: str, sizes: Sizes, seed: int = 0):
     """The denoiser of ``--model``; for ``embedded`` the sizes are the checkpoint's (written
     back into ``sizes``)."""
     if model == "embedded":
-        from lightning_smc.pretrained import load_checkpoint
+        from lightning_smc.models.loading import load_checkpoint
 
         denoiser, _ = load_checkpoint("embedded")
         config = denoiser.config

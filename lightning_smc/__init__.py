@@ -14,7 +14,6 @@ each prompt's ``N`` particles over the ranks with global resampling (``lightning
 from .models.base import Denoiser, ExactDenoiser
 from .models.lora import LoRADenoiser
 from .models.tiny import TinyTransformerDenoiser
-from .output import SMCOutput
 from .potentials import Potential, ProductTarget, RewardTilt, SelfReward
 from .proposals import DenoiserProposal, GradientProposal, Proposal
 from .rewards import (
@@ -29,7 +28,8 @@ from .rewards import (
     WordListToxicity,
 )
 from .sampler import SMCSampler
-from .sharding import LocalParticles, ParticleShards
+from .sampling.layouts import LocalParticles, ParticleShards
+from .sampling.output import SMCOutput
 from .smc import derive_seed
 
 __all__ = [

@@ -29,13 +29,13 @@ import torch
 from torch import Tensor
 
 from . import dist
+from .models.loading import resolve_adapter
 from .models.lora import LoRADenoiser
-from .output import SMCOutput
 from .potentials import Potential, RewardTilt, SelfReward
-from .pretrained import resolve_adapter
 from .proposals import DenoiserProposal, GradientProposal
 from .rewards import BaseReward
 from .sampler import SMCSampler
+from .sampling.output import SMCOutput
 
 __all__ = [
     "Method",
@@ -591,9 +591,9 @@ def _batches(prompts: list[list[int]] | None, indices: list[int], batch_size: in
 def load_model(run: MethodRun, tokenizer: Any = None):
     """The denoiser and tokenizer of ``run``: a local folder with its tokenizer, or a hub id
     in the mdlm-owt format with ``run.tokenizer`` (e.g. ``gpt2``)."""
+    from .models.loading import load_checkpoint, resolve_checkpoint
     from .models.mdlm import MDLMDenoiser
     from .models.tokenizer import load_tokenizer
-    from .pretrained import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(run.model)
     if run.tokenizer is None and path.is_dir():

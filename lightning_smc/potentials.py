@@ -33,21 +33,52 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .context import StepContext, output_log_probs
 from .diffusion import inverse_cdf
 from .models.base import Denoiser
 from .rewards.base import Reward, check_reward_output
+from .sampling.context import StepContext, output_log_probs
 from .smc import log_mean_exp
 
 __all__ = ["Potential", "ProductTarget", "RewardTilt", "SelfReward", "get_twist_schedule"]
 
 
 class Potential:
-    """Base class: the plain target ``p_theta`` with no twist (also what ``potential=None`` means)."""
+    """Base class: the plain target ``p_theta`` with no twist (also what ``potential=None`` means).
+
+    A potential declares what the sampler must do for it (class attributes):
+
+    - ``exponent``: the power of ``p_theta`` in the per-token target;
+    - ``has_offset``: ``offset`` returns a tensor (else it is not called);
+    - ``needs_log_probs``: ``twist`` / ``offset`` read the normalized log-probs of every
+      position (else the sampler may normalize only the rows it draws from);
+    - ``proposes``: the default proposal is the normalized per-token target;
+    - ``extra_nfe``: network evaluations per particle per step beyond the denoiser's.
+
+    A subclass that overrides ``offset`` or ``twist`` without declaring these flags gets
+    ``has_offset`` / ``needs_log_probs`` set to ``True`` (always exact, maybe slower).
+    ``bind(denoiser)`` is called once by the sampler; ``networks()`` lists the extra denoisers
+    the potential calls (their per-row state follows the particles, see ``SMCSampler``)."""
 
     exponent: float = 1.0
     extra_nfe: int = 0
-    proposes: bool = False  # True: the default proposal is the normalized per-token target
+    proposes: bool = False
+    has_offset: bool = False
+    needs_log_probs: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        overrides = {name for name in ("offset", "twist") if name in cls.__dict__}
+        if "offset" in overrides and "has_offset" not in cls.__dict__:
+            cls.has_offset = True
+        if overrides and "needs_log_probs" not in cls.__dict__:
+            cls.needs_log_probs = True
+
+    def bind(self, denoiser: Denoiser) -> None:
+        """Called once by the sampler with its denoiser (nothing to do here)."""
+
+    def networks(self) -> tuple[Any, ...]:
+        """Denoisers this potential calls besides the sampler's (none here)."""
+        return ()
 
     def offset(self, ctx: StepContext) -> Tensor | None:
         """Additive per-token log-target term ``[R, L, V]`` beyond ``exponent * log p_theta``."""
@@ -64,6 +95,8 @@ class Potential:
 
 class SelfReward(Potential):
     """SR-SMC: weight each step by ``beta`` times the log-confidence of the tokens it commits."""
+
+    needs_log_probs = False
 
     def __init__(self, beta: float = 1.0):
         if beta < 0:
@@ -87,6 +120,8 @@ def get_twist_schedule(schedule: str | Callable[[float], float]) -> Callable[[fl
 
 class RewardTilt(Potential):
     """Reward-tilted target ``p0(x) exp(r(x) / alpha)`` with a tempered twist ``lambda_t``."""
+
+    needs_log_probs = True  # the twist samples x0 from the normalized log-probs
 
     def __init__(
         self,
@@ -138,6 +173,8 @@ class ProductTarget(Potential):
     """``p1^w p2^(1-w)``: product of experts / classifier-free guidance (``w > 1``)."""
 
     proposes = True
+    has_offset = True
+    needs_log_probs = True
 
     def __init__(
         self, weight: float, second_denoiser: Denoiser | None = None, second_cond: Any = None
@@ -157,6 +194,9 @@ class ProductTarget(Potential):
                 f"ProductTarget: second_denoiser.vocab_size={self.second_denoiser.vocab_size} "
                 f"differs from the sampler's denoiser ({denoiser.vocab_size})"
             )
+
+    def networks(self) -> tuple[Any, ...]:
+        return () if self.second_denoiser is None else (self.second_denoiser,)
 
     def offset(self, ctx: StepContext) -> Tensor:
         logits = self.second_denoiser(ctx.x_t, ctx.t, ctx.expand(self.second_cond))

@@ -4,8 +4,8 @@ A proposal is called as ``proposal(ctx, base_log_probs) -> log_q [R, L, V]`` (no
 log-probabilities, mask token at ``-inf``) and returns its *own* log-probabilities, so the
 sampler can weight by ``log pi_step(x_s | x_t) - log q(x_s | x_t)`` exactly (DESIGN.md §3).
 ``extra_nfe`` counts the additional network calls it makes per step; ``correct`` says whether
-the sampler applies the ``log p - log q`` correction. A proposal with a ``bind(potential,
-denoiser)`` method is bound by the sampler when it is built.
+the sampler applies the ``log p - log q`` correction; the sampler calls ``bind(potential,
+denoiser)`` once when it is built (a no-op on the base class ``Proposal``).
 
 - no proposal (``None``): the base kernel ``p_theta``; the potential may supply a default
   (``ProductTarget`` proposes from its normalized geometric mixture).
@@ -43,27 +43,41 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .context import StepContext, output_log_probs
 from .models.base import Denoiser
 from .potentials import RewardTilt, get_twist_schedule
 from .rewards.base import Reward, check_reward_output
+from .sampling.context import StepContext, output_log_probs
 
 __all__ = ["DenoiserProposal", "GradientProposal", "Proposal"]
 
 
-class Proposal(Protocol):
-    extra_nfe: int
-    correct: bool
+class Proposal:
+    """Base class of proposals: ``proposal(ctx, base_log_probs) -> log_q [R, L, V]``.
 
-    def __call__(self, ctx: StepContext, base_log_probs: Tensor) -> Tensor: ...
+    ``extra_nfe``: network evaluations per particle per step it adds; ``correct``: whether the
+    sampler applies ``log p - log q``; ``bind(potential, denoiser)`` is called once by the
+    sampler (nothing to do here); ``networks()`` lists the denoisers it calls (their per-row
+    state follows the particles)."""
+
+    extra_nfe: int = 0
+    correct: bool = True
+
+    def bind(self, potential: Any, denoiser: Denoiser | None = None) -> Proposal:
+        return self
+
+    def networks(self) -> tuple[Any, ...]:
+        return ()
+
+    def __call__(self, ctx: StepContext, base_log_probs: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
-class DenoiserProposal:
+class DenoiserProposal(Proposal):
     """Propose from another denoiser ``q``: ``log q(x0_i | x_t)`` at every position."""
 
     extra_nfe = 1
@@ -71,6 +85,9 @@ class DenoiserProposal:
     def __init__(self, denoiser: Denoiser, correct: bool = True):
         self.denoiser = denoiser
         self.correct = correct
+
+    def networks(self) -> tuple[Any, ...]:
+        return (self.denoiser,)
 
     @classmethod
     def from_adapter(cls, base: Any, adapter: str | Path, correct: bool = True) -> DenoiserProposal:
@@ -139,7 +156,7 @@ def _reward_dtype(reward: Any) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-class GradientProposal:
+class GradientProposal(Proposal):
     """SMCgrad: tilt the base kernel by the reward gradient at a Gumbel-softmax relaxation.
 
     Args:

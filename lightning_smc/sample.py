@@ -28,7 +28,7 @@ from rich.table import Table
 from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler, derive_seed
 from .metrics import unigram_entropy
 from .metrics.registry import DEFAULT_METRICS
-from .pretrained import EMBEDDED, load_checkpoint
+from .models.loading import EMBEDDED, load_checkpoint
 
 ALPHABET = "abc"
 LENGTH = 6

@@ -342,7 +342,7 @@ def test_reward_evaluation_logs_tables_and_images_to_wandb(tmp_path, monkeypatch
 
 def test_replay_takes_each_slot_from_its_drawn_rollout():
     from lightning_smc.modules.amortized import _replayed
-    from lightning_smc.output import SMCPath
+    from lightning_smc.sampling.output import SMCPath
 
     T, R, Lq = 3, 4, 5
     buffer = [

@@ -6,7 +6,7 @@ import torch
 
 from lightning_smc import SMCSampler
 from lightning_smc.data.corpora import load_corpus
-from lightning_smc.pretrained import EMBEDDED, load_checkpoint
+from lightning_smc.models.loading import EMBEDDED, load_checkpoint
 
 
 def test_embedded_checkpoint_is_complete_and_fits_git():

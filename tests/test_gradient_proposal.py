@@ -12,9 +12,9 @@ from exact import L, V, enumerate_states, estimate, max_z_score, toy_joint
 from test_exact_targets import ALPHA, Z_MAX, B, N, check, reward_fn, run, tilted
 
 import lightning_smc as ls
-from lightning_smc.context import StepContext, denoiser_log_probs
 from lightning_smc.diffusion import StepPlan
 from lightning_smc.proposals import GradientProposal
+from lightning_smc.sampling.context import StepContext, denoiser_log_probs
 from lightning_smc.smc import RowGenerators
 
 

@@ -326,8 +326,8 @@ def test_log_prob_outputs_are_used_as_they_are(unmasking):
     """MDLM declares normalized outputs: the sampler skips its log_softmax (one [R, L, V] pass per
     step) and samples exactly what renormalizing would, with weights equal up to float32
     rounding of the normalizer (which is 0 up to a few ulps)."""
-    from lightning_smc.context import denoiser_log_probs, outputs_log_probs
     from lightning_smc.models.lora import LoRADenoiser
+    from lightning_smc.sampling.context import denoiser_log_probs, outputs_log_probs
 
     torch.manual_seed(0)
     model = MDLMDenoiser(**{**TINY, "model_length": 12}).eval()
@@ -355,7 +355,7 @@ def test_log_prob_outputs_are_used_as_they_are(unmasking):
 
 
 def test_declared_log_probs_with_a_live_mask_column_are_renormalized():
-    from lightning_smc.context import denoiser_log_probs
+    from lightning_smc.sampling.context import denoiser_log_probs
 
     logits = torch.randn(2, 3, 6)
     out = denoiser_log_probs(logits, mask_id=5, is_log_probs=True)

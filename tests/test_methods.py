@@ -15,7 +15,7 @@ from lightning_smc.methods import (
     method_parser,
     run_method,
 )
-from lightning_smc.pretrained import EMBEDDED_ADAPTER, load_checkpoint
+from lightning_smc.models.loading import EMBEDDED_ADAPTER, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").rglob("*.yaml"))

@@ -30,9 +30,9 @@ import lightning_smc as ls
 import lightning_smc.diffusion.categorical as categorical
 import lightning_smc.potentials as potentials_module
 import lightning_smc.proposals as proposals_module
-from lightning_smc.context import StepContext
 from lightning_smc.diffusion import gumbel_max, inverse_cdf, proposal_log_probs
 from lightning_smc.sampler import SMCSampler
+from lightning_smc.sampling.context import StepContext
 from lightning_smc.smc import RowGenerators, StepInfo, ess, rand_at
 
 # --------------------------------------------------------------------------- configurations
@@ -425,7 +425,7 @@ class _RefCache:
         self.evaluations = 0
 
     def __call__(self, x_t, t, cond):
-        from lightning_smc.context import index_rows
+        from lightning_smc.sampling.context import index_rows
 
         if not self.enabled or self.x is None:
             self.log_probs = _ref_denoiser_log_probs(
@@ -453,7 +453,7 @@ class _RefCache:
 
 class _ReferenceSampler(SMCSampler):
     def _run(self, x, plans, cond, rows, record_path=False):
-        from lightning_smc.sampler import _Trace
+        from lightning_smc.sampling.trace import Trace as _Trace
 
         B, N, T = len(rows), self.num_particles, len(plans)
         trace = _Trace.empty(B, N, T, x.device)
@@ -684,7 +684,7 @@ def test_rand_at_matches_reference_draws_and_streams(trailing):
 
 
 def test_denoiser_log_probs_matches_reference():
-    from lightning_smc.context import denoiser_log_probs
+    from lightning_smc.sampling.context import denoiser_log_probs
 
     logits = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0))
     kept = logits.clone()
@@ -697,7 +697,7 @@ def test_denoiser_log_probs_matches_reference():
 
 
 def test_denoiser_log_probs_into_a_buffer_and_unnormalized():
-    from lightning_smc.context import denoiser_log_probs
+    from lightning_smc.sampling.context import denoiser_log_probs
 
     logits = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
     logits[..., 5] = -torch.inf
@@ -727,7 +727,7 @@ ROWS_ONLY = {  # does a step read log p only where it draws? (then only those ro
 def test_rows_only_normalization_is_chosen_when_exact(name, monkeypatch):
     """Where a step reads log p only at drawn rows, the full [R, L, V] log_softmax is skipped
     (the outputs stay bit-identical to the reference loop, which normalizes everything)."""
-    import lightning_smc.cache as cache_module
+    import lightning_smc.sampling.cache as cache_module
 
     denoiser, kwargs, _ = _config(name)
     assert SMCSampler(denoiser, **kwargs)._normalizes_rows_only() is ROWS_ONLY[name]

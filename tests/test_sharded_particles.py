@@ -30,7 +30,7 @@ from exact import L, estimate, max_z_score, toy_joint, z_of_normalizer
 
 import lightning_smc as ls
 from lightning_smc.sampler import SMCSampler
-from lightning_smc.sharding import get_layout
+from lightning_smc.sampling.layouts import get_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 Z_MAX = 4.5  # as in test_exact_targets.py
@@ -189,10 +189,8 @@ class _OneParticleWins(ls.Potential):
         return log_g
 
 
-class _Recorder:
+class _Recorder(ls.Proposal):
     """The base kernel, recording the (resampled) state of step 1."""
-
-    extra_nfe, correct = 0, True
 
     def __call__(self, ctx, base_lp):
         if ctx.plan.step == 1:

@@ -1,9 +1,10 @@
-"""Masked-diffusion math: schedules ``alpha(t)``, unmasking policies and step plans, and
+"""Masked-diffusion math: schedules ``alpha(t)``, unmasking policies and step plans, remasking kernels (ReMDM), and
 categorical sampling (float64 Gumbel-max, one-uniform inverse CDF, temperature, top-p). DESIGN.md §3 fixes the
 conventions: ``t = 1`` fully masked, ``alpha(0) = 1``, the mask token is never drawn and clean
 tokens carry over unchanged."""
 
 from .categorical import gumbel_max, inverse_cdf, proposal_log_probs, sample_categorical
+from .remasking import ReMDM, transition_log_prob
 from .schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, Schedule, get_schedule
 from .unmasking import (
     UNMASKING_POLICIES,
@@ -25,6 +26,7 @@ __all__ = [
     "LogLinearSchedule",
     "LowConfidence",
     "RandomUnmasking",
+    "ReMDM",
     "Schedule",
     "StepPlan",
     "Threshold",
@@ -36,4 +38,5 @@ __all__ = [
     "plan_steps",
     "proposal_log_probs",
     "sample_categorical",
+    "transition_log_prob",
 ]

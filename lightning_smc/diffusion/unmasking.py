@@ -15,6 +15,7 @@ current block; ``count`` = ``ceil(#masked / steps left)``, the even split LLaDA 
 - ``random``         ``count`` positions uniformly at random (LLaDA "random").
 - ``low_confidence`` the ``count`` positions whose sampled candidate is most probable
                      (LLaDA / MaskGIT).
+- ``remdm``          ``ancestral`` with ReMDM remasking of clean tokens (``diffusion.remasking``).
 - ``threshold``      every position whose candidate's probability is ``>= threshold``, at least
                      the most confident one (Fast-dLLM); a block may finish early.
 
@@ -126,6 +127,7 @@ class UnmaskingPolicy:
 
     value_independent: bool = True
     may_finish_early: bool = False
+    remasks: bool = False  # True: ``remask`` may turn clean tokens back into masks (ReMDM)
 
     def select(
         self,
@@ -134,6 +136,10 @@ class UnmaskingPolicy:
         u: Tensor | None = None,
         confidence: Tensor | None = None,
     ) -> Tensor:
+        raise NotImplementedError
+
+    def remask(self, clean: Tensor, masked: Tensor, plan: StepPlan, u: Tensor) -> Tensor:
+        """The clean positions to turn back into masks (``remasks = True`` policies only)."""
         raise NotImplementedError
 
 

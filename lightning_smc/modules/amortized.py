@@ -38,13 +38,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..context import output_log_probs
 from ..models.lora import LoRADenoiser
-from ..output import SMCPath
 from ..potentials import RewardTilt
 from ..proposals import DenoiserProposal
 from ..rewards import BaseReward
 from ..sampler import SMCSampler
+from ..sampling.context import output_log_probs
+from ..sampling.output import SMCPath
 from ..smc import derive_seed
 
 __all__ = [
@@ -232,8 +232,8 @@ class AmortizedProposalModule(L.LightningModule):
     def _load_base(base: Any) -> nn.Module:
         if isinstance(base, nn.Module):
             return base
+        from ..models.loading import resolve_checkpoint
         from ..models.mdlm import MDLMDenoiser
-        from ..pretrained import resolve_checkpoint
 
         return MDLMDenoiser.from_pretrained(resolve_checkpoint(base)).eval()
 

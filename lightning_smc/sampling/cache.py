@@ -8,6 +8,14 @@ Rows follow their ancestors through ``reorder`` after a resample; when particles
 over processes (``sharding.ParticleShards``), rows received from another process are evaluated
 with ``evaluate`` (counted in ``evaluations``) and the new state is set with ``adopt``.
 
+**Per-row state.** ``followers`` are the networks of the run that keep per-row state (a KV
+cache): ``reorder_state(index)`` tells each of them how the rows moved (row ``r`` now holds what
+row ``index[r]`` held; ``-1``: a row that arrived from another process, whose state must be
+rebuilt). The sampler announces the expansion of prompts to particles (``index[r]`` is then
+the prompt of row ``r``), every resample and every sharded exchange. A stateful network must
+see all rows at every call, so ``enabled=True`` (which evaluates only the changed rows) is
+refused for one.
+
 ``normalize=False`` returns the denoiser's outputs with the mask removed but not normalized:
 the sampler then normalizes only the rows it reads (``SMCSampler`` decides when that is
 exact). Full normalizations are written into one reused buffer (no fresh ``[R, L, V]`` memory
@@ -16,24 +24,38 @@ per step); a returned tensor is valid until the next call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
+from ..models.base import Denoiser
 from .context import denoiser_log_probs, index_rows, outputs_log_probs
-from .models.base import Denoiser
 
 __all__ = ["CachedDenoiser"]
 
 
 class CachedDenoiser:
-    def __init__(self, denoiser: Denoiser, enabled: bool = False, normalize: bool = True):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        enabled: bool = False,
+        normalize: bool = True,
+        followers: Sequence[Any] = (),
+    ):
         if enabled and getattr(denoiser, "time_conditioning", False):
             raise ValueError(
                 "cache=True needs a denoiser without time conditioning (its logits must depend on "
                 "x_t only); set cache=False or use a model with time_conditioning=False"
             )
+        if enabled and followers:
+            names = ", ".join(type(f).__name__ for f in followers)
+            raise ValueError(
+                f"cache=True evaluates only the rows that changed, but {names} keeps per-row "
+                "state (reorder_state) and must see every row; set cache=False"
+            )
         self.denoiser, self.enabled = denoiser, enabled
+        self.followers = list(followers)
         self.is_log_probs = outputs_log_probs(denoiser)
         self.normalize = normalize
         self._buffer: Tensor | None = None
@@ -57,6 +79,15 @@ class CachedDenoiser:
             self.evaluations += len(stale)
         self.x = x_t
         return self.log_probs
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.followers)
+
+    def reorder_state(self, index: Tensor) -> None:
+        """Announce a movement of rows to every stateful network (see the module docstring)."""
+        for network in self.followers:
+            network.reorder_state(index)
 
     def reorder(self, index: Tensor) -> Tensor:
         """Rows follow their ancestors; returns the reordered log-probabilities."""

@@ -49,9 +49,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..smc import RowGenerators, derive_seed, plan_exchange
 from .cache import CachedDenoiser
 from .context import StepContext, index_rows
-from .smc import RowGenerators, derive_seed, plan_exchange
 
 __all__ = ["LAYOUTS", "LocalParticles", "ParticleShards", "get_layout"]
 
@@ -92,12 +92,16 @@ class LocalParticles:
         prev_twist: Tensor,
         base_lp: Tensor,
         network: CachedDenoiser,
+        origin: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Rows follow their ancestors (``index [B * n]``: the local row each comes from).
 
         Returns ``(x, prev_twist, base_lp, index)``; without the cache the log-probs are not
-        gathered and ``index`` is passed on for the sampler to read through."""
+        gathered and ``index`` is passed on for the sampler to read through. Stateful networks
+        are told ``origin`` (default ``index``: where each row's state comes from, ``-1`` for a
+        row received from another process)."""
         x, prev_twist = ctx.x_t[index], prev_twist[index]
+        network.reorder_state(index if origin is None else origin)
         if network.enabled:  # the cache's rows must follow their ancestors
             return x, prev_twist, network.reorder(index), None
         return x, prev_twist, base_lp, index
@@ -199,6 +203,7 @@ class ParticleShards(LocalParticles):
         received = self._exchange(payload, ex)
         local = torch.empty(len(payload), dtype=torch.long, device=index.device)  # row read by slot
         local[ex.keep_to] = ex.keep_from
+        origin = local.clone()
         if ex.rows_received:
             # Received particles are written into rows no slot keeps (at least one per received
             # particle: its slots keep nothing), so the [rows, L, V] log-probs are never copied.
@@ -215,12 +220,19 @@ class ParticleShards(LocalParticles):
                 home[pos] = to
                 x[rows] = message[:, :L]
                 prev_twist[rows] = message[:, L].contiguous().view(torch.float64)
-                cond = index_rows(ctx.cond, home)
-                base_lp[rows] = network.evaluate(message[:, :L], ctx.t[home], cond)
+                if not network.stateful:  # (stateful: all rows are evaluated below)
+                    cond = index_rows(ctx.cond, home)
+                    base_lp[rows] = network.evaluate(message[:, :L], ctx.t[home], cond)
                 local[to] = rows[pos]
+                origin[to] = -1
             ctx.x_t = x
             network.adopt(x, base_lp)
-        return super().follow(local, ctx, prev_twist, base_lp, network)
+        moved = super().follow(local, ctx, prev_twist, base_lp, network, origin)
+        if ex.rows_received and network.stateful:
+            # a stateful network must see every row: evaluate them all in their new order
+            fresh = network.evaluate(moved[0], ctx.t, ctx.cond)
+            return moved[0], moved[1], fresh, None
+        return moved
 
     def tokens(self, x: Tensor, B: int) -> Tensor:
         parts = self._gather(x.contiguous())

@@ -18,9 +18,9 @@ __all__ = [
     "resolve_checkpoint",
 ]
 
-EMBEDDED = Path(__file__).resolve().parent / "assets" / "mdlm_tiny"
+EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "mdlm_tiny"
 #: the amortized sentiment proposal (LoRA) of the embedded model, trained by configs/quickstart.yaml
-EMBEDDED_ADAPTER = Path(__file__).resolve().parent / "assets" / "sentiment_adapter_tiny"
+EMBEDDED_ADAPTER = Path(__file__).resolve().parent.parent / "assets" / "sentiment_adapter_tiny"
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -35,8 +35,8 @@ def resolve_adapter(name_or_path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path):
     """``(denoiser, tokenizer spec)`` from a ``save_pretrained`` directory with its tokenizer."""
-    from .models.mdlm import MDLMDenoiser
-    from .models.tokenizer import load_tokenizer
+    from .mdlm import MDLMDenoiser
+    from .tokenizer import load_tokenizer
 
     path = resolve_checkpoint(path)
     if not (path / "config.json").is_file():

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .diffusion import StepPlan
-from .smc import RowGenerators, rand_at
+from ..diffusion import StepPlan
+from ..smc import RowGenerators, rand_at
 
 __all__ = [
     "Scratch",
@@ -92,6 +92,7 @@ class StepContext:
     num_particles: int
     mask_id: int
     scratch: Scratch | None = None
+    generated: Tensor | None = None  # [R, L] positions masked at the start (not the prompt)
 
     @property
     def progress(self) -> float:
