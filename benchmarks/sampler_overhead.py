@@ -234,9 +234,9 @@ def build_model(model: str, sizes: Sizes, seed: int = 0):
     """The denoiser of ``--model``; for ``embedded`` the sizes are the checkpoint's (written
     back into ``sizes``)."""
     if model == "embedded":
-        from lightning_smc.models.loading import load_checkpoint
+        from lightning_smc.models.loading import load_model
 
-        denoiser, _ = load_checkpoint("embedded")
+        denoiser, _ = load_model("embedded")
         config = denoiser.config
         if sizes.seq_len > config.model_length:
             raise SystemExit(

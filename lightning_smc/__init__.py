@@ -8,10 +8,11 @@ Public surface (DESIGN.md §4)::
     out.tokens, out.log_weights, out.log_normalizer, out.ess, out.best()
 
 With ``torch.distributed`` initialized, ``SMCSampler(..., layout=ls.ParticleShards())`` splits
-each prompt's ``N`` particles over the ranks with global resampling (``lightning_smc.sharding``).
+each prompt's ``N`` particles over the ranks with global resampling (``lightning_smc.sampling.layouts``).
 """
 
 from .models.base import Denoiser, ExactDenoiser
+from .models.loading import load_model
 from .models.lora import LoRADenoiser
 from .models.tiny import TinyTransformerDenoiser
 from .potentials import Potential, ProductTarget, RewardTilt, SelfReward
@@ -58,6 +59,7 @@ __all__ = [
     "SelfReward",
     "TinyTransformerDenoiser",
     "derive_seed",
+    "load_model",
 ]
 
 __version__ = "0.1.0"

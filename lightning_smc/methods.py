@@ -589,20 +589,8 @@ def _batches(prompts: list[list[int]] | None, indices: list[int], batch_size: in
 
 
 def load_model(run: MethodRun, tokenizer: Any = None):
-    """The denoiser and tokenizer of ``run``: a local folder with its tokenizer, or a hub id
-    in the mdlm-owt format with ``run.tokenizer`` (e.g. ``gpt2``)."""
-    from .models.loading import load_checkpoint, resolve_checkpoint
-    from .models.mdlm import MDLMDenoiser
-    from .models.tokenizer import load_tokenizer
+    """The denoiser and tokenizer of ``run`` (``models.loading.load_model``)."""
+    from .models.loading import load_model as load
 
-    path = resolve_checkpoint(run.model)
-    if run.tokenizer is None and path.is_dir():
-        denoiser, spec = load_checkpoint(path)
-    else:
-        if run.tokenizer is None:
-            raise ValueError(
-                f"model {run.model!r} is not a local folder; name its tokenizer (tokenizer: gpt2)"
-            )
-        denoiser = MDLMDenoiser.from_pretrained(path).eval()
-        spec = load_tokenizer(run.tokenizer)
+    denoiser, spec = load(run.model, run.tokenizer)
     return denoiser, spec.tokenizer if tokenizer is None else tokenizer

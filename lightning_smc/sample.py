@@ -28,7 +28,7 @@ from rich.table import Table
 from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler, derive_seed
 from .metrics import unigram_entropy
 from .metrics.registry import DEFAULT_METRICS
-from .models.loading import EMBEDDED, load_checkpoint
+from .models.loading import EMBEDDED, load_model
 
 ALPHABET = "abc"
 LENGTH = 6
@@ -118,7 +118,7 @@ def print_trace(console: Console, out) -> None:
 
 def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
     try:
-        denoiser, spec = load_checkpoint(Path(args.checkpoint))
+        denoiser, spec = load_model(Path(args.checkpoint))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--checkpoint: {err}") from err
     potential = SelfReward() if args.method == "srsmc" else None

@@ -9,7 +9,7 @@ import yaml
 from lightning_smc.export import export
 from lightning_smc.fit import main
 from lightning_smc.models import MDLMDenoiser
-from lightning_smc.sample import load_checkpoint
+from lightning_smc.sample import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Method and comparison configs (configs/methods/, configs/eval/) are sampling configs,
@@ -156,7 +156,7 @@ def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):
         torch.equal(x, y)
         for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
-    assert load_checkpoint(tmp_path / "exported")[1].vocab_size == a.vocab_size
+    assert load_model(tmp_path / "exported")[1].vocab_size == a.vocab_size
 
 
 def test_unknown_config_key_is_named(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import torch
 
 from lightning_smc import SMCSampler
 from lightning_smc.data.corpora import load_corpus
-from lightning_smc.models.loading import EMBEDDED, load_checkpoint
+from lightning_smc.models.loading import EMBEDDED, load_model
 
 
 def test_embedded_checkpoint_is_complete_and_fits_git():
@@ -21,7 +21,7 @@ def _word_rate(texts, vocabulary):
 
 
 def test_embedded_samples_are_mostly_corpus_words():
-    denoiser, spec = load_checkpoint(EMBEDDED)
+    denoiser, spec = load_model(EMBEDDED)
     sampler = SMCSampler(denoiser, num_steps=64, unmasking="ancestral")
     out = sampler.sample(64, batch_size=16, generator=torch.Generator().manual_seed(0))
     assert (out.tokens != denoiser.mask_id).all()

@@ -15,7 +15,7 @@ from lightning_smc.methods import (
     method_parser,
     run_method,
 )
-from lightning_smc.models.loading import EMBEDDED_ADAPTER, load_checkpoint
+from lightning_smc.models.loading import EMBEDDED_ADAPTER, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").rglob("*.yaml"))
@@ -104,7 +104,7 @@ def test_answers_do_not_depend_on_the_batch_size():
 
 
 def test_best_of_n_picks_the_highest_reward_particle():
-    denoiser, _ = load_checkpoint("embedded")
+    denoiser, _ = load_model("embedded")
     reward = lambda x: (x % 7).double().mean(-1)  # noqa: E731
     method = Method(name="bon", num_particles=4, num_steps=4, select="reward")
     out = build_sampler(method, denoiser, reward).sample(
@@ -122,7 +122,7 @@ def test_bad_method_configs_are_clear_errors(tmp_path):
         Method(potential="tilted")
     with pytest.raises(ValueError, match="needs potential: tilt"):
         Method(proposal="gradient")
-    denoiser, _ = load_checkpoint("embedded")
+    denoiser, _ = load_model("embedded")
     with pytest.raises(ValueError, match="needs a reward"):
         build_sampler(Method(potential="tilt"), denoiser)
     with pytest.raises(ValueError, match="needs adapter"):

@@ -9,7 +9,7 @@ import torch
 from lightning_smc.data.corpora import load_corpus
 from lightning_smc.models import MDLMDenoiser
 from lightning_smc.models.tokenizer import save_tokenizer, train_bpe
-from lightning_smc.sample import load_checkpoint, main
+from lightning_smc.sample import load_model, main
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_checkpoint_samples_print_decoded_text_and_weights(checkpoint, capsys):
 
 
 def test_checkpoint_round_trip_matches_tokenizer(checkpoint):
-    denoiser, spec = load_checkpoint(checkpoint)
+    denoiser, spec = load_model(checkpoint)
     assert denoiser.vocab_size == spec.vocab_size and denoiser.mask_id == spec.mask_id
 
 

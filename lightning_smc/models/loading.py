@@ -3,17 +3,21 @@
 ``resolve_checkpoint("embedded")`` is the model that ships with the package
 (``lightning_smc/assets/mdlm_tiny``); any other value is a folder path.
 ``resolve_adapter("embedded")`` is the amortized sentiment proposal trained for it.
-``load_checkpoint(path)`` returns ``(denoiser, tokenizer spec)`` and checks that they agree.
+``load_model(name_or_path, tokenizer=None)`` returns ``(denoiser, tokenizer spec)`` and checks
+that they agree; ``load_denoiser(name_or_path)`` the denoiser alone. Every entry point (``sample``,
+the method builder, ``AmortizedProposalModule``, the benchmarks) loads models through these.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "EMBEDDED",
     "EMBEDDED_ADAPTER",
-    "load_checkpoint",
+    "load_denoiser",
+    "load_model",
     "resolve_adapter",
     "resolve_checkpoint",
 ]
@@ -33,19 +37,34 @@ def resolve_adapter(name_or_path: str | Path) -> Path:
     return EMBEDDED_ADAPTER if str(name_or_path) == "embedded" else Path(name_or_path)
 
 
-def load_checkpoint(path: str | Path):
-    """``(denoiser, tokenizer spec)`` from a ``save_pretrained`` directory with its tokenizer."""
+def load_denoiser(name_or_path: str | Path) -> Any:
+    """The denoiser of ``name_or_path`` (``"embedded"``, a ``save_pretrained`` folder or a hub id
+    in the mdlm-owt format), in eval mode."""
     from .mdlm import MDLMDenoiser
-    from .tokenizer import load_tokenizer
 
-    path = resolve_checkpoint(path)
-    if not (path / "config.json").is_file():
+    path = resolve_checkpoint(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
         hint = (
             " (the embedded model ships with the package; reinstall it)" if path == EMBEDDED else ""
         )
         raise FileNotFoundError(f"checkpoint {path}: no config.json there{hint}")
-    denoiser = MDLMDenoiser.from_pretrained(path).eval()
-    spec = load_tokenizer(path)
+    return MDLMDenoiser.from_pretrained(path).eval()
+
+
+def load_model(name_or_path: str | Path, tokenizer: str | Path | None = None):
+    """``(denoiser, tokenizer spec)`` of ``name_or_path``: ``"embedded"`` or a ``save_pretrained``
+    folder with its tokenizer, or (with ``tokenizer``, e.g. ``"gpt2"``) any checkpoint the
+    denoiser loads, such as a hub id in the mdlm-owt format. The vocabularies must agree."""
+    from .tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(name_or_path)
+    if tokenizer is None and not path.is_dir():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a local checkpoint folder; a hub id needs its "
+            "tokenizer named (tokenizer: gpt2)"
+        )
+    denoiser = load_denoiser(path)
+    spec = load_tokenizer(path if tokenizer is None else tokenizer)
     if spec.vocab_size != denoiser.vocab_size or spec.mask_id != denoiser.mask_id:
         raise ValueError(
             f"checkpoint {path}: tokenizer vocabulary ({spec.vocab_size}, mask {spec.mask_id}) "

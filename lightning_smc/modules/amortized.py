@@ -232,10 +232,9 @@ class AmortizedProposalModule(L.LightningModule):
     def _load_base(base: Any) -> nn.Module:
         if isinstance(base, nn.Module):
             return base
-        from ..models.loading import resolve_checkpoint
-        from ..models.mdlm import MDLMDenoiser
+        from ..models.loading import load_denoiser
 
-        return MDLMDenoiser.from_pretrained(resolve_checkpoint(base)).eval()
+        return load_denoiser(base)
 
     # ------------------------------------------------------------------ sampling
     def rollout_sampler(self, num_particles: int | None = None) -> SMCSampler:
