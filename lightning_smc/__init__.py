@@ -11,7 +11,7 @@ With ``torch.distributed`` initialized, ``SMCSampler(..., layout=ls.ParticleShar
 each prompt's ``N`` particles over the ranks with global resampling (``lightning_smc.sampling.layouts``).
 """
 
-from .models.base import Denoiser, ExactDenoiser
+from .models.base import CodebookDenoiser, Denoiser, ExactDenoiser
 from .models.loading import load_model
 from .models.lora import LoRADenoiser
 from .models.tiny import TinyTransformerDenoiser
@@ -30,6 +30,7 @@ from .rewards import (
 )
 from .sampler import SMCSampler
 from .sampling.layouts import LocalParticles, ParticleShards
+from .sampling.checks import WeightError
 from .sampling.output import SMCOutput
 from .smc import derive_seed
 
@@ -45,6 +46,7 @@ __all__ = [
     "TextReward",
     "VaderSentiment",
     "WordListToxicity",
+    "CodebookDenoiser",
     "Denoiser",
     "DenoiserProposal",
     "ExactDenoiser",
@@ -58,6 +60,7 @@ __all__ = [
     "SMCSampler",
     "SelfReward",
     "TinyTransformerDenoiser",
+    "WeightError",
     "derive_seed",
     "load_model",
 ]

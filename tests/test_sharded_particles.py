@@ -467,3 +467,37 @@ def test_benchmark_quick(tmp_path):
     assert "throughput ratio" in proc.stdout and "global resampling" in proc.stdout, proc.stdout
     result = json.loads(report.read_text())
     assert result["ratio"] > 0 and all(run["nfe"] >= 8 for run in result["sharded"])
+
+
+def sample_stateful(resampling: str, stateful: bool) -> dict:
+    """SR-SMC on 2 ranks with a denoiser whose per-row state must follow its rows (received
+    rows arrive with ``-1``), or the same exact denoiser without state."""
+    from test_extension_points import StatefulDenoiser
+
+    exact = ls.ExactDenoiser(toy_joint(5))
+    denoiser = StatefulDenoiser(exact) if stateful else exact
+    sampler = SMCSampler(
+        denoiser,
+        num_particles=8,
+        num_steps=L,
+        unmasking="random",
+        potential=ls.SelfReward(),
+        resampling=resampling,
+        resample_when="always",
+        layout="sharded",
+    )
+    out = sampler.sample(L, batch_size=6, generator=torch.Generator().manual_seed(3))
+    received = [int((i < 0).sum()) for i in getattr(denoiser, "announced", [])]
+    return dict(_summary(out), received=received, resampled=out.resampled)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("resampling", ["systematic", "multinomial", "stratified", "residual"])
+def test_state_follows_particles_across_ranks(ranks, resampling):
+    with_state = ranks.run(sample_stateful, resampling=resampling, stateful=True)
+    without = ranks.run(sample_stateful, resampling=resampling, stateful=False)
+    for a, b in zip(with_state, without, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"])
+        assert torch.equal(a["log_weights"], b["log_weights"])
+        assert a["resampled"].any()
+    assert sum(sum(r["received"]) for r in with_state) > 0  # some rows crossed ranks

@@ -47,6 +47,17 @@ def expand_rows(value: Any, repeats: int) -> Any:
     return value
 
 
+def _broadcast(value: Any, batch: int) -> Any:
+    """Tensors in ``value`` with leading dimension 1 repeated to ``batch``."""
+    if isinstance(value, Tensor):
+        return value.expand(batch, *value.shape[1:]) if value.shape[:1] == (1,) else value
+    if isinstance(value, dict):
+        return {k: _broadcast(v, batch) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_broadcast(v, batch) for v in value)
+    return value
+
+
 def index_rows(value: Any, index: Tensor) -> Any:
     """Select rows ``index`` of every tensor in ``value`` (tensor, dict, list/tuple or None)."""
     if isinstance(value, Tensor):
@@ -100,7 +111,9 @@ class StepContext:
         return self.plan.step / self.plan.num_steps
 
     def expand(self, value: Any) -> Any:
-        return expand_rows(value, self.num_particles)
+        """A per-prompt value (tensors with leading dimension ``B``, or ``1``: shared by every
+        prompt, e.g. a CFG "null" condition) repeated to one entry per row."""
+        return expand_rows(_broadcast(value, len(self.rows)), self.num_particles)
 
     def rand_at(
         self, mask: Tensor, trailing: Sequence[int] = (), out: Tensor | None = None
