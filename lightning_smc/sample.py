@@ -1,334 +1,392 @@
-"""``python -m lightning_smc.sample``: draw samples from a checkpoint with the shared sampler.
+"""``python -m lightning_smc.sample``: run method configs with the shared sampler (jsonargparse CLI).
 
-``python -m lightning_smc.sample`` loads a denoiser saved with ``save_pretrained`` (by default
-the embedded Shakespeare MDLM in ``lightning_smc/assets/mdlm_tiny``) and its tokenizer, runs the
-plain sampler (``--method plain``) or SR-SMC (``--method srsmc --particles N``) and prints the
-decoded particles with their weights, the ESS trace and NFE.
+One parser, like ``fit``: ``--config FILE`` loads a method config (``configs/methods/**.yaml``:
+``method`` + ``model`` + scorers + sizes) or a comparison file (``configs/eval/*.yaml``, whose
+``runs:`` list method configs); any key can be overridden with a dotted flag
+(``--method.num_particles 8``, ``--seq_len 32``); ``--print_config`` prints the resolved config;
+``--help`` lists every option with its doc. Without ``--config`` the run uses the defaults of
+``Method`` and of the method-config keys, so a quick run is a config plus overrides::
 
-``--toy`` runs the sampler on an *exact* denoiser over a toy language
-(alphabet ``abc``, length 6, a fixed random joint ``p0``), so every number it prints can be
-checked against the truth: the plain sampler draws from ``p0``; SR-SMC (``--method srsmc``)
-targets ``p0^2``; reward tilting (``--method tilt``) targets ``p0 exp(r / alpha)`` with
-``r`` = number of ``c``s. It prints the particles with their weights, the ESS after every step,
-the resampling events and ``log Ẑ`` next to the exact ``log Z``.
+    python -m lightning_smc.sample --config configs/methods/embedded/srsmc.yaml \\
+        --model outputs/mdlm_tiny/hf --prompt "KING" --num_samples 4
+
+``--compare A.yaml B.yaml ...`` runs several configs on the same prompts and seeds; a
+comparison file's runs get, in order, their file, the file's common ``overrides``, their own
+``overrides``, then the command line (the command line wins). ``--nfe_budget B`` gives every
+method the steps that spend ``B`` network evaluations per answer. Answers go to ``--out``
+(``samples.jsonl``, one line per answer, and ``summary.json``, written atomically by rank zero);
+``main(argv)`` returns the summaries ``{method: {metric: value}}``.
+
+Under ``torchrun`` each rank samples a block of the prompts, metrics are reduced across ranks and
+rank zero writes the files, identical to one process's. Nothing non-finite is ever written: a
+NaN or infinite value is an error naming the method and the metric. The exact toy demo lives in
+``experiments/toy_sample.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+import yaml
+from jsonargparse import ActionConfigFile, Namespace
+from jsonargparse.typing import Path_fr, PositiveInt
 from rich.console import Console
-from rich.table import Table
 
-from . import ExactDenoiser, RewardTilt, SelfReward, SMCSampler, derive_seed
-from .metrics import unigram_entropy
+from .metrics import SMOLLM2, unigram_entropy
 from .metrics.registry import DEFAULT_METRICS
 from .models.loading import EMBEDDED, load_model
 
-ALPHABET = "abc"
-LENGTH = 6
-
-
-def toy_denoiser(seed: int = 0) -> ExactDenoiser:
-    g = torch.Generator().manual_seed(seed)
-    p0 = torch.rand((len(ALPHABET),) * LENGTH, generator=g, dtype=torch.float64) ** 4 + 1e-3
-    return ExactDenoiser(p0 / p0.sum())
-
-
-def count_c(x: torch.Tensor) -> torch.Tensor:
-    return (x == ALPHABET.index("c")).double().sum(-1)
-
-
-def build(
-    method: str, denoiser: ExactDenoiser, particles: int, steps: int, alpha: float
-) -> tuple[SMCSampler, torch.Tensor]:
-    """The sampler for ``method`` and the exact unnormalized target over all states."""
-    log_p0 = torch.log(denoiser.probs[0])
-    if method == "plain":
-        return SMCSampler(
-            denoiser, num_particles=particles, num_steps=steps, unmasking="random"
-        ), log_p0
-    if method == "srsmc":
-        sampler = SMCSampler(
-            denoiser,
-            num_particles=particles,
-            num_steps=steps,
-            unmasking="random",
-            potential=SelfReward(),
-        )
-        return sampler, 2 * log_p0
-    if method == "tilt":
-        potential = RewardTilt(count_c, alpha=alpha, schedule="linear")
-        sampler = SMCSampler(
-            denoiser,
-            num_particles=particles,
-            num_steps=steps,
-            unmasking="random",
-            potential=potential,
-        )
-        return sampler, log_p0 + count_c(denoiser.states) / alpha
-    raise ValueError(f"--method {method!r}: choose plain, srsmc or tilt")
-
-
-def decode(x: torch.Tensor) -> str:
-    return "".join(ALPHABET[int(i)] for i in x)
-
-
-def run_toy(args: argparse.Namespace, console: Console) -> None:
-    denoiser = toy_denoiser()
-    method = "srsmc" if args.method == "srsmc" else args.method
-    sampler, log_target = build(
-        method, denoiser, args.particles, min(args.steps, LENGTH), args.alpha
-    )
-    out = sampler.sample(LENGTH, batch_size=1, generator=torch.Generator().manual_seed(args.seed))
-    target = torch.softmax(log_target, 0)
-    table = Table(
-        title=f"{method}: {args.particles} particles (exact denoiser, alphabet '{ALPHABET}')"
-    )
-    for col in ("particle", "text", "weight", "target prob"):
-        table.add_column(col, justify="left" if col == "text" else "right")
-    index = lambda x: int((x * (len(ALPHABET) ** torch.arange(LENGTH - 1, -1, -1))).sum())  # noqa: E731
-    for i in out.log_weights[0].argsort(descending=True).tolist():
-        x = out.tokens[0, i]
-        table.add_row(str(i), decode(x), f"{out.weights[0, i]:.3f}", f"{target[index(x)]:.4f}")
-    console.print(table)
-    print_trace(console, out)
-    exact = torch.logsumexp(log_target, 0).item()
-    console.print(f"log Ẑ = {out.log_normalizer[0].item():.4f}   exact log Z = {exact:.4f}")
-    best = out.best()[0]
-    console.print(
-        f"answer (highest weight): [bold]{decode(best)}[/bold] (target prob {target[index(best)]:.4f}); "
-        f"the target's mode is {decode(denoiser.states[target.argmax()])} ({target.max():.4f})"
-    )
-
-
-def print_trace(console: Console, out) -> None:
-    ess = " ".join(
-        f"{e:.1f}" + ("*" if r else "")
-        for e, r in zip(out.ess[0].tolist(), out.resampled[0].tolist(), strict=True)
-    )
-    console.print(f"ESS after each step (* = resampled): {ess}")
-    console.print(f"NFE per sequence: {out.nfe:g}   resamples: {int(out.resampled.sum())}")
-
-
-def run_checkpoint(args: argparse.Namespace, console: Console) -> None:
-    try:
-        denoiser, spec = load_model(Path(args.checkpoint))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"--checkpoint: {err}") from err
-    potential = SelfReward() if args.method == "srsmc" else None
-    if args.method == "tilt":
-        raise ValueError("--method tilt needs a reward; it is available with --toy only for now")
-    sampler = SMCSampler(
-        denoiser,
-        num_particles=args.particles,
-        num_steps=args.steps,
-        unmasking=args.unmasking,
-        potential=potential,
-        cache=args.cache,
-        progress_bar=True,
-    )
-    prompt = None
-    if args.prompt:
-        ids = spec.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-        prompt = torch.tensor([ids] * args.num_samples)
-    generators = [
-        torch.Generator().manual_seed(derive_seed(args.seed, i)) for i in range(args.num_samples)
-    ]
-    out = sampler.sample(
-        args.seq_len, batch_size=args.num_samples, prompt=prompt, generator=generators
-    )
-    for b in range(args.num_samples):
-        table = Table(
-            title=f"sample {b}: {args.method}, {args.particles} particle(s), {args.steps} steps",
-            show_lines=True,
-        )
-        table.add_column("weight", justify="right")
-        table.add_column("text")
-        for i in out.log_weights[b].argsort(descending=True).tolist():
-            text = spec.tokenizer.decode(out.tokens[b, i].tolist(), skip_special_tokens=True)
-            table.add_row(f"{out.weights[b, i]:.3f}", text)
-        console.print(table)
-    print_trace(console, out)
-
+__all__ = ["EMBEDDED", "SAMPLE_METRICS", "SampleOptions", "load_model", "main", "sample_parser"]
 
 SAMPLE_METRICS = (*DEFAULT_METRICS[:3], "entropy", "dist", *DEFAULT_METRICS[3:])
-"""The metrics of ``--config`` / ``--compare`` without ``--metrics`` (minus missing scorers)."""
+"""The metrics without ``--metrics`` (minus those whose scorer is missing)."""
 
 
-def run_config(argv: list[str], console: Console) -> dict[str, dict[str, float]]:
-    """``--config FILE [overrides]`` or ``--compare A.yaml B.yaml ... [overrides]``: method
-    configs (``configs/methods``) on the same prompts and seeds. Writes ``samples.jsonl`` (one
-    line per answer: method, index, text, tokens, final particle weights, reward, holdout,
-    log Ẑ, unigram entropy) and ``summary.json`` into ``--out`` (default ``outputs/sample``) and
-    prints one table.
+class SampleUsageError(ValueError):
+    """A bad option or config given to ``sample``; the message names the option and the fix."""
 
-    ``--nfe-budget B`` gives every method the steps that spend ``B`` network evaluations per
-    answer (compute-matched comparison); ``--metrics a,b,...`` picks the summary's metrics by
-    name (``lightning_smc.metrics.registry``; default ``SAMPLE_METRICS``); ``--gen-ppl`` adds
-    ``gen_ppl``, scored by ``--gen-ppl-model`` (default ``smollm2``); ``--device cuda`` samples
-    on the GPU (``cuda:LOCAL_RANK`` under torchrun).
 
-    Under ``torchrun --nproc_per_node=K`` (``WORLD_SIZE > 1``) each rank samples its block of the
-    prompts (a prompt's answer depends only on its index and the seed), the metrics are reduced
-    across ranks, and rank zero alone writes the merged files, identical to a single process's.
+@dataclass
+class SampleOptions:
+    """What ``sample`` does around the runs (the runs themselves come from ``--config``).
+
+    Args:
+        out: folder for ``samples.jsonl`` and ``summary.json`` (written atomically).
+        metrics: comma-separated metric names (``lightning_smc.metrics.registry``, e.g.
+            ``reward,entropy,log_z``); default: every metric whose scorer is present but gen_ppl.
+        gen_ppl: add ``gen_ppl`` (generative perplexity under ``gen_ppl_model``) to the metrics.
+        gen_ppl_model: the perplexity scorer: ``smollm2`` (embedded), a hub id or a folder.
+        nfe_budget: network evaluations per answer; each method gets the steps that spend it
+            (``num_particles x num_steps x evaluations per step``), a compute-matched comparison.
+        device: ``cpu`` or ``cuda`` (``cuda:LOCAL_RANK`` under torchrun).
+        prompt: one text prefix that every answer continues (``num_samples`` answers); instead
+            of ``--prompts FILE``.
     """
-    from . import dist
-    from .methods import evaluate_method, load_method_config, load_model, match_budget
-    from .metrics import SMOLLM2
-    from .metrics.registry import MetricSet, parse_metric_names, success_threshold_of
 
-    argv, out_dir = _pop_option(argv, "--out", "outputs/sample")
-    argv, gen_ppl = _pop_flag(argv, "--gen-ppl")
-    argv, budget = _pop_option(argv, "--nfe-budget", "")
-    argv, metric_names = _pop_option(argv, "--metrics", "")
-    argv, ppl_model = _pop_option(argv, "--gen-ppl-model", SMOLLM2)
-    argv, device = _pop_option(argv, "--device", "cpu")
-    names = parse_metric_names(metric_names) if metric_names else None
-    defaults = SAMPLE_METRICS
-    if gen_ppl:  # --gen-ppl adds gen_ppl to --metrics, or to the defaults
-        if names is None:
-            defaults = (*SAMPLE_METRICS, "gen_ppl")
-        elif "gen_ppl" not in names:
-            names.append("gen_ppl")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: choose cpu or cuda")
-    created = dist.init_from_env(device)
-    if device == "cuda":
-        device = f"cuda:{dist.local_rank()}"
-    rank_zero = dist.is_rank_zero()
-    configs, overrides = _split_configs(argv)
-    runs = []  # parse every config and load every scorer before sampling anything
-    for config, own in configs:
-        run = load_method_config(config, own + overrides)  # the command line wins
-        if budget:  # compute-matched: steps so that particles x steps x evaluations = budget
-            run.method = match_budget(run.method, int(budget))
-        threshold = success_threshold_of(run.reward) if run.reward is not None else None
-        metrics = MetricSet(
-            names,
-            defaults=defaults,
-            reward=run.reward is not None,
-            holdout=run.holdout is not None,
-            success_threshold=threshold,
-            gen_ppl_model=ppl_model,
-            device=device,
+    out: str = "outputs/sample"
+    metrics: str | None = None
+    gen_ppl: bool = False
+    gen_ppl_model: str = SMOLLM2
+    nfe_budget: PositiveInt | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    prompt: str | None = None
+
+
+@dataclass
+class ComparisonRun:
+    """One entry of a comparison file's ``runs:``.
+
+    Args:
+        config: a method config file (relative to the comparison file).
+        overrides: command-line style overrides of that config (``[--method.name, x]``).
+    """
+
+    config: Path_fr
+    overrides: list[str] = field(default_factory=list)
+
+
+#: old dash spellings that still work (forwarded to the new option)
+RENAMED = {
+    "--nfe-budget": "--nfe_budget",
+    "--gen-ppl": "--gen_ppl",
+    "--gen-ppl-model": "--gen_ppl_model",
+    "--seq-len": "--seq_len",
+    "--num-samples": "--num_samples",
+    "--batch-size": "--batch_size",
+}
+#: options of the old hand-parsed modes, refused with their new spelling
+REMOVED = {
+    "--toy": "the exact toy demo moved: python experiments/toy_sample.py --method srsmc",
+    "--checkpoint": "use --model PATH (a save_pretrained folder, or embedded)",
+    "--particles": "use --method.num_particles N",
+    "--steps": "use --method.num_steps T",
+    "--unmasking": "use --method.unmasking {ancestral,random,low_confidence,threshold}",
+    "--cache": "use --method.cache true",
+    "--alpha": "use --method.potential RewardTiltSpec --method.potential.alpha A",
+}
+#: what a valid value looks like, for parse errors
+HINTS = {
+    "nfe_budget": "a positive integer number of network evaluations per answer, e.g. --nfe_budget 256",
+    "device": "cpu or cuda",
+    "gen_ppl": "true or false, e.g. --gen_ppl true",
+    "compare": "one or more method config files: --compare A.yaml B.yaml",
+}
+#: docs of the method-config keys that their parser leaves undocumented
+RUN_HELP = {
+    "model": "the denoiser: embedded (the packaged Shakespeare MDLM), a save_pretrained folder "
+    "or a hub id in the mdlm-owt format",
+    "tokenizer": "its tokenizer (default: the one saved with the model)",
+    "reward": "the target's reward (class_path / init_args of a lightning_smc.rewards class)",
+    "holdout": "a different scorer, reported, never steered on",
+    "guide": "a differentiable reward whose gradient drives a gradient proposal",
+    "prompts": "a text file, one prompt a line (a blank line: an empty prefix); default: none",
+    "seq_len": "tokens per answer, prompt included",
+    "num_samples": "answers to draw when there is no prompt file",
+    "batch_size": "prompts per sampler call (answers do not depend on it)",
+    "seed": "prompt i is sampled with the generator seeded by derive_seed(seed, i)",
+}
+FIT_KEYS = {"trainer", "data", "optimizer", "lr_scheduler", "ckpt_path"}
+
+
+# ---------------------------------------------------------------------------------- parser
+class _Renamed(argparse.Action):
+    """An old spelling: does what the new option does (``RENAMED``)."""
+
+    def __init__(self, option_strings, dest, new: str, flag: bool = False, **kwargs):
+        super().__init__(option_strings, dest, nargs=0 if flag else None, **kwargs)
+        self.new, self.flag = new, flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        target = parser._option_string_actions[self.new]
+        target(parser, namespace, "true" if self.flag else values, self.new)
+
+
+class _Removed(argparse.Action):
+    """An option of the old hand-parsed modes: an error with its new spelling (``REMOVED``)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise SampleUsageError(
+            f"{option_string} is no longer an option of sample: {REMOVED[option_string]}"
         )
-        runs.append((config, run, metrics))
-    summaries: dict[str, dict[str, float]] = {}
-    lines: list[str] = []
-    for config, run, metrics in runs:
-        denoiser, tokenizer = load_model(run)
-        for module in (denoiser, run.reward, run.holdout, run.guide):
-            if isinstance(module, torch.nn.Module):
-                module.to(device)
-        summary, result = evaluate_method(run, metrics, denoiser, tokenizer, progress_bar=True)
-        name = result.name if result.name not in summaries else f"{result.name} ({config})"
-        summaries[name] = {
-            "particles": run.method.num_particles,
-            "steps": run.method.num_steps,
-            **summary,
-        }
-        for i, text in enumerate(result.texts):
-            record = {
-                "method": name,
-                "index": int(result.index[i]),
-                "text": text,
-                "tokens": result.tokens[i].tolist(),
-                "weights": result.weights[i].tolist(),
-                "log_normalizer": float(result.log_normalizer[i]),
-                "entropy": unigram_entropy(result.tokens[i]),
-            }
-            for key in ("reward", "holdout"):
-                values = getattr(result, key)
-                if values is not None:
-                    record[key] = float(values[i])
-            lines.append(json.dumps(record))
-        if rank_zero:
-            for text in result.texts[:2]:
-                console.print(f"[dim]{name}:[/dim] {text!r}")
-    if rank_zero:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
-        _write_atomic(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
-        _print_summary(console, summaries, len(configs), out_dir, dist.world_size())
-    if created:
-        dist.destroy()
-    return summaries
 
 
-def _print_summary(
-    console: Console, summaries: dict[str, dict[str, float]], runs: int, out_dir: Path, world: int
-) -> None:
-    from .metrics.registry import summary_table
+class _SampleConfigFile(ActionConfigFile):
+    """``--config``: refuses a ``fit`` (training) config and a method in the old spelling by
+    name before jsonargparse reads it."""
 
-    where = f"; {world} processes" if world > 1 else ""
-    title = f"{runs} method(s){where}; samples in {out_dir / 'samples.jsonl'}"
-    table = summary_table(title, summaries)
-    console.print(table)
-
-
-def _pop_option(argv: list[str], name: str, default: str) -> tuple[list[str], str]:
-    rest, value, i = [], default, 0
-    while i < len(argv):
-        if argv[i] == name and i + 1 < len(argv):
-            value, i = argv[i + 1], i + 2
-        elif argv[i].startswith(name + "="):
-            value, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest, value
+    def __call__(self, parser, cfg, values, option_string=None):
+        path = Path(str(values))
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        if isinstance(data, dict):
+            _check_config_kind(path, data)
+        super().__call__(parser, cfg, values, option_string)
 
 
-def _pop_flag(argv: list[str], name: str) -> tuple[list[str], bool]:
-    return [a for a in argv if a != name], name in argv
+def _check_config_kind(path: Path, data: dict[str, Any]) -> None:
+    if FIT_KEYS & set(data) or isinstance(data.get("model"), dict):
+        raise SampleUsageError(
+            f"--config {path} is a `fit` (training) config (keys {sorted(FIT_KEYS & set(data)) or ['model']}); "
+            f"train with: python -m lightning_smc.fit --config {path}. sample takes a method config "
+            "(configs/methods/**.yaml) or a comparison file (configs/eval/*.yaml)"
+        )
+    from .methods import config as method_config
+
+    legacy = getattr(method_config, "_legacy_error", None)  # the rewrite of an old method block
+    if legacy is not None and isinstance(data.get("method"), dict):
+        err = legacy(f"--config {path}", data["method"])
+        if err is not None:
+            raise SampleUsageError(str(err))
 
 
-def _split_configs(argv: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
-    """``--config F`` (one method config, or a comparison file) or ``--compare F1 F2 ...``:
-    ``[(method config, its own overrides)]`` and the overrides common to all.
+def sample_parser():
+    """The ``sample`` parser: the method-config keys (``methods.method_parser``), the comparison
+    keys (``runs``, ``overrides``) and ``SampleOptions``."""
+    from .methods import method_parser
 
-    A comparison file (``configs/eval/*.yaml``) lists ``runs:``, each ``{config: <path relative
-    to the file>, overrides: [--key, value, ...]}``, plus optional common ``overrides:``."""
-    if "--compare" in argv:
-        i = argv.index("--compare")
-        j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        configs, rest = argv[i + 1 : j], argv[:i] + argv[j:]
-        if not configs:
-            raise ValueError("--compare needs one or more method config files")
-        return [(c, []) for c in configs], rest
-    rest, config = _pop_option(argv, "--config", "")
-    if not config:
-        raise ValueError("--config needs a method config file (configs/methods/...)")
-    return _expand_comparison(Path(config)), rest
+    parser = method_parser()
+    parser.prog = "python -m lightning_smc.sample"
+    parser.description = __doc__.split("\n\n")[0].split(": ", 1)[1]
+    for action in parser._actions:  # the method parser's plain --config, with the checks above
+        if isinstance(action, ActionConfigFile):
+            action.__class__ = _SampleConfigFile
+            action.help = "a method config (configs/methods/**.yaml) or a comparison file (configs/eval/*.yaml)"
+    parser.add_class_arguments(SampleOptions, None, as_group=False)
+    parser.add_argument("--compare", nargs="+", type=str, default=None,
+                        help="method config files run on the same prompts and seeds")  # fmt: skip
+    parser.add_argument("--runs", type=list[ComparisonRun] | None, default=None,
+                        help="a comparison file's method configs (set by --config configs/eval/*.yaml)")  # fmt: skip
+    parser.add_argument("--overrides", type=list[str], default=[],
+                        help="a comparison file's overrides common to its runs")  # fmt: skip
+    _document(parser)
+    for old, new in RENAMED.items():
+        flag = new == "--gen_ppl"
+        parser.add_argument(
+            old, action=_Renamed, new=new, flag=flag, dest=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+    for old in REMOVED:
+        parser.add_argument(old, action=_Removed, dest=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
 
 
-def _expand_comparison(path: Path) -> list[tuple[str, list[str]]]:
-    import yaml
+def _document(parser) -> None:
+    """Help for the options their classes leave undocumented: the method-config keys
+    (``RUN_HELP``) and ``--method.X`` from ``SMCSampler``'s doc of ``X`` (the same role)."""
+    import docstring_parser
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or "runs" not in data:
-        return [(str(path), [])]
-    common = [str(v) for v in data.get("overrides", [])]
+    from .sampler import SMCSampler
+
+    sampler_docs = {}
+    for param in docstring_parser.parse(SMCSampler.__doc__ or "").params:
+        for name in param.arg_name.split(", "):
+            sampler_docs[f"method.{name}"] = f"as in SMCSampler: {param.description}"
+    for action in parser._actions:
+        if not (action.help or "").strip() or action.help.startswith("(type"):
+            doc = RUN_HELP.get(action.dest) or sampler_docs.get(action.dest)
+            if doc:
+                action.help = " ".join(doc.split())
+
+
+def _parse(parser, args: list[str], namespace: Namespace | None = None) -> Namespace:
+    """``parser.parse_args`` whose errors name the option and what it accepts."""
+    try:
+        return parser.parse_args(args, namespace=namespace)
+    except argparse.ArgumentError as err:
+        text = str(err)
+        key = re.search(r'Parser key "([^"]+)"', text)
+        if key is None:
+            raise SampleUsageError(
+                f"sample: {text}\n(python -m lightning_smc.sample --help lists every option)"
+            ) from None
+        name = key.group(1)
+        given = re.search(r"Given value: (.*)|Got value: (.*)", text)
+        value = next((g for g in given.groups() if g), "") if given else ""
+        hint = HINTS.get(name, "see python -m lightning_smc.sample --help")
+        raise SampleUsageError(
+            f"--{name} {value}: invalid value; expected {hint}\n{text}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------ runs
+@dataclass
+class _Run:
+    label: str  # the config file the run came from (to tell two runs of one name apart)
+    config: Any  # methods.MethodConfig
+
+
+def resolve_runs(parser, argv: list[str], cfg: Namespace) -> list[_Run]:
+    """The runs of ``cfg``: itself (one method config), each ``--compare`` file, or each entry of
+    a comparison file's ``runs``; the command line is applied last to every run."""
+    if cfg.compare and cfg.runs:
+        raise SampleUsageError(
+            "--compare and a comparison file (--config with runs:) together: give one of them"
+        )
+    if cfg.compare:
+        entries = [(c, []) for c in cfg.compare]
+    elif cfg.runs:
+        entries = [(str(r.config.absolute), r.overrides) for r in cfg.runs]
+    else:
+        return [
+            _Run(
+                str(cfg.config[-1]) if cfg.get("config") else "command line",
+                _method_config(parser, cfg),
+            )
+        ]
     runs = []
-    for k, entry in enumerate(data["runs"]):
-        if not isinstance(entry, dict) or "config" not in entry:
-            raise ValueError(f"{path}: runs[{k}] needs config: <method config path>")
-        config = (path.parent / entry["config"]).resolve()
-        if not config.is_file():
-            raise FileNotFoundError(f"{path}: runs[{k}].config {entry['config']} does not exist")
-        runs.append((str(config), common + [str(v) for v in entry.get("overrides", [])]))
+    for path, own in entries:
+        if not Path(path).is_file():
+            raise SampleUsageError(f"--compare {path}: no such file")
+        base = _parse(parser, ["--config", path, *cfg.overrides, *own])
+        if base.runs:
+            raise SampleUsageError(
+                f"--compare {path} is itself a comparison file; list method configs"
+            )
+        runs.append(_Run(path, _method_config(parser, _parse(parser, argv, namespace=base))))
     return runs
+
+
+def _method_config(parser, cfg: Namespace):
+    """The ``MethodConfig`` of a parsed namespace (checked like ``load_method_config``)."""
+    from .methods import MethodConfig
+
+    where = f"--config {cfg.config[-1]}" if cfg.get("config") else "sample"
+    try:
+        init = parser.instantiate(cfg)
+    except Exception as err:  # jsonargparse names the key
+        raise SampleUsageError(f"{where}: {err}") from err
+    for key in ("seq_len", "num_samples", "batch_size"):
+        if init[key] < 1:
+            raise SampleUsageError(f"{where}: --{key} must be >= 1, got {init[key]}")
+    method = init["method"]
+    if method.potential is None and method.num_particles > 1 and method.select == "weight":
+        raise SampleUsageError(
+            f"method {method.name!r}: {method.num_particles} particles without a potential all weigh "
+            "the same, so select: weight returns particle 0 at "
+            f"{method.num_particles}x the cost; use --method.select reward (best-of-N, needs a "
+            "reward), --method.num_particles 1 (the plain sampler) or a potential (e.g. "
+            "--method.potential self_reward for SR-SMC)"
+        )
+    return MethodConfig(**{f.name: init[f.name] for f in fields(MethodConfig)})
+
+
+def _prompts(run, options: SampleOptions, tokenizer, mask_id: int) -> list[list[int]] | None:
+    """Token ids of the prompts (``--prompt`` repeated, the ``prompts`` file, or none); a
+    prompt holding the mask token is an error (it would be infilled, not continued)."""
+    from .evaluation import read_prompts
+
+    if options.prompt is not None and run.prompts is not None:
+        raise SampleUsageError("--prompt and --prompts together: give one text or one file")
+    if options.prompt is not None:
+        ids = tokenizer.encode(options.prompt, add_special_tokens=False)
+        where = "--prompt"
+        if len(ids) >= run.seq_len:
+            raise SampleUsageError(
+                f"--prompt is {len(ids)} tokens, which leaves nothing to generate with "
+                f"--seq_len {run.seq_len}; shorten it or raise --seq_len"
+            )
+        prompts = [ids] * run.num_samples
+    elif run.prompts is not None:
+        prompts, where = (
+            read_prompts(run.prompts, tokenizer, run.seq_len),
+            f"--prompts {run.prompts}",
+        )
+    else:
+        return None
+    for line, ids in enumerate(prompts, 1):
+        if mask_id in ids:
+            at = "" if where == "--prompt" else f" line {line}"
+            raise SampleUsageError(
+                f"{where}{at} contains the mask token (id {mask_id}, "
+                f"{tokenizer.decode([mask_id])!r}): the sampler would fill it in instead of "
+                "continuing the prompt; remove it from the prompt text"
+            )
+    return prompts
+
+
+# ------------------------------------------------------------------------------- results
+def _finite(method: str, key: str, value: Any) -> Any:
+    """``value`` if every number in it is finite, else an error naming ``method`` and ``key``."""
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise ValueError(
+            f"method {method!r}: {key} is not finite ({value}); nothing was written. Check the "
+            "method's potential settings (alpha, beta, temperature) and the reward's range"
+        )
+    return value
+
+
+def _records(name: str, result) -> list[str]:
+    """One JSON line per answer of ``result``."""
+    lines = []
+    for i, text in enumerate(result.texts):
+        record = {
+            "method": name,
+            "index": int(result.index[i]),
+            "text": text,
+            "tokens": result.tokens[i].tolist(),
+            "weights": result.weights[i].tolist(),
+            "log_normalizer": float(result.log_normalizer[i]),
+            "entropy": unigram_entropy(result.tokens[i]),
+        }
+        for key in ("reward", "holdout"):
+            values = getattr(result, key)
+            if values is not None:
+                record[key] = float(values[i])
+        for key, value in record.items():
+            _finite(name, f"{key} of answer {record['index']}", value)
+        lines.append(json.dumps(record, allow_nan=False))
+    return lines
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -337,52 +395,103 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]] | None:
-    """The CLI; with ``--config`` / ``--compare`` returns the per-method summaries."""
+def _print_summary(console: Console, summaries: dict, runs: int, out_dir: Path, world: int) -> None:
+    from .metrics.registry import summary_table
+
+    where = f"; {world} processes" if world > 1 else ""
+    console.print(
+        summary_table(f"{runs} method(s){where}; samples in {out_dir / 'samples.jsonl'}", summaries)
+    )
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """The CLI; returns the per-method summaries (``{name: {metric: value}}``)."""
+    from . import dist
+    from .evaluation import evaluate_distributed
+    from .methods import match_budget
+    from .metrics.registry import MetricSet, parse_metric_names, success_threshold_of
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("--config", "--compare") or a.startswith("--config=") for a in argv):
-        return run_config(argv, Console())
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default=str(EMBEDDED),
-        help="save_pretrained directory (default: embedded model)",
-    )
-    parser.add_argument(
-        "--toy", action="store_true", help="exact toy denoiser instead of a checkpoint"
-    )
-    parser.add_argument("--method", default="srsmc", choices=["plain", "srsmc", "tilt"])
-    parser.add_argument("--particles", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--num-samples", type=int, default=2, help="independent prompts / samples")
-    parser.add_argument(
-        "--unmasking",
-        default="ancestral",
-        choices=["ancestral", "random", "low_confidence", "threshold"],
-    )
-    parser.add_argument("--prompt", default=None, help="text prefix to continue")
-    parser.add_argument("--cache", action="store_true", help="reuse logits of unchanged particles")
-    parser.add_argument(
-        "--alpha", type=float, default=0.5, help="reward temperature (--toy --method tilt)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in ("particles", "steps", "seq_len", "num_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    parser = sample_parser()
+    cfg = _parse(parser, argv)
+    options = SampleOptions(**{f.name: cfg[f.name] for f in fields(SampleOptions)})
+    runs = resolve_runs(parser, argv, cfg)
+    names = parse_metric_names(options.metrics) if options.metrics else None
+    defaults = SAMPLE_METRICS
+    if options.gen_ppl:  # adds gen_ppl to --metrics, or to the defaults
+        if names is None:
+            defaults = (*SAMPLE_METRICS, "gen_ppl")
+        elif "gen_ppl" not in names:
+            names.append("gen_ppl")
+    prepared = []  # every config checked and every scorer loaded before sampling anything
+    for run in runs:
+        if options.nfe_budget is not None:
+            run.config.method = match_budget(run.config.method, options.nfe_budget)
+        config = run.config
+        metrics = MetricSet(
+            names,
+            defaults=defaults,
+            reward=config.reward is not None,
+            holdout=config.holdout is not None,
+            success_threshold=success_threshold_of(config.reward)
+            if config.reward is not None
+            else None,
+            gen_ppl_model=options.gen_ppl_model,
+            device=options.device,
+        )
+        prepared.append((run, metrics))
+    created = dist.init_from_env(options.device)
+    try:
+        return _sample(prepared, options, dist, evaluate_distributed)
+    finally:
+        if created:
+            dist.destroy()
+
+
+def _sample(prepared, options: SampleOptions, dist, evaluate) -> dict[str, dict[str, float]]:
     console = Console()
-    if args.toy:
-        run_toy(args, console)
-    else:
-        run_checkpoint(args, console)
-    return None
+    device = f"cuda:{dist.local_rank()}" if options.device == "cuda" else "cpu"
+    summaries: dict[str, dict[str, float]] = {}
+    lines: list[str] = []
+    for run, metrics in prepared:
+        config = run.config
+        denoiser, spec = load_model(config.model, config.tokenizer)
+        prompts = _prompts(config, options, spec.tokenizer, denoiser.mask_id)
+        for module in (denoiser, config.reward, config.holdout, config.guide):
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        summary, result = evaluate(
+            config.method, metrics, denoiser, spec.tokenizer, prompts=prompts,
+            num_samples=config.num_samples, reward=config.reward, holdout=config.holdout,
+            guide=config.guide, seq_len=config.seq_len, batch_size=config.batch_size,
+            seed=config.seed, progress_bar=True,
+        )  # fmt: skip
+        name = result.name if result.name not in summaries else f"{result.name} ({run.label})"
+        method = config.method
+        summaries[name] = {"particles": method.num_particles, "steps": method.num_steps, **summary}
+        for key, value in summary.items():
+            _finite(name, f"metric {key}", value)
+        lines += _records(name, result)
+        if dist.is_rank_zero():
+            for text in result.texts[:2]:
+                console.print(f"[dim]{name}:[/dim] {text!r}")
+    if dist.is_rank_zero():
+        out_dir = Path(options.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
+        _write_atomic(
+            out_dir / "summary.json", json.dumps(summaries, indent=2, allow_nan=False) + "\n"
+        )
+        _print_summary(console, summaries, len(prepared), out_dir, dist.world_size())
+    return summaries
 
 
 if __name__ == "__main__":
     # under torchrun, a failing rank's error is written where the launcher reports it
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(main)()
+    try:
+        record(main)()
+    except SampleUsageError as err:
+        sys.exit(f"error: {err}")
