@@ -20,14 +20,7 @@ needs ``V`` float64 uniforms and two logarithms per drawn row, which cost more t
 itself when a step draws a candidate at every masked position (``low_confidence``).
 
 ``gumbel_max(log_q, u)``: ``argmax(log_q + G)``, ``G = -log(-log u)`` in float64, with ``V``
-uniforms per row (``sample_categorical`` uses it). It returns exactly
-``(log_q.double() - log(-log u.clamp_min(tiny))).argmax(-1)`` (same float64 operations, same
-first-index tie-break) but avoids most of that work on large vocabularies: an exact bound from
-two evaluated candidates per row (the largest ``u`` and the largest ``log_q``) rules out every
-token that cannot reach the maximum, only the survivors' Gumbel noise is evaluated, and anything
-that could be a near tie (within ``1e-9``, far above the few-ulp rounding differences of
-``log``) falls back to the full computation, so the result never differs from it.
-``overwrite_u=True`` lets it use ``u`` as its float64 work buffer.
+uniforms per row: the textbook reference draw, used by ``sample_categorical`` and the tests.
 """
 
 from __future__ import annotations
@@ -44,8 +37,10 @@ def proposal_log_probs(
     logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, mask_id: int | None = None
 ) -> Tensor:
     """Normalized log-probabilities of the tempered, top-p filtered distribution (mask excluded)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < torch.inf:  # NaN and inf included
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     logits = logits.clone()
@@ -68,102 +63,12 @@ def _top_p(log_q: Tensor, top_p: float) -> Tensor:
     return torch.log_softmax(log_q.masked_fill(drop, -torch.inf), dim=-1)
 
 
-def gumbel_max(log_q: Tensor, u: Tensor, *, overwrite_u: bool = False) -> Tensor:
-    """``argmax(log_q + Gumbel(u))`` in float64; ``u`` uniforms of the same shape.
-
-    ``u`` is left unchanged unless ``overwrite_u=True`` (then, if it is float64, its contents
-    are undefined afterwards: the caller's scratch buffer is reused for the noise)."""
-    if log_q.shape != u.shape or u.dim() == 0:  # broadcasting: the plain formula
-        gumbel = -torch.log(-torch.log(u.to(torch.float64).clamp_min(_TINY)))
-        return (log_q.to(torch.float64) + gumbel).argmax(dim=-1)
-    V = u.shape[-1]
-    if (
-        u.dtype == torch.float64
-        and V >= _PRUNE_MIN_VOCAB
-        and u.numel() >= _PRUNE_MIN_NUMEL
-        and log_q.is_floating_point()
-    ):
-        index = _pruned_argmax(log_q.reshape(-1, V), u.reshape(-1, V))
-        if index is not None:
-            return index.view(u.shape[:-1])
-    return _full_argmax(log_q, u, overwrite_u)
-
-
-# The pruned path pays for itself on large vocabularies (a few cheap passes over [M, V] instead
-# of two float64 logarithms); tests lower these to exercise it on small problems.
-_PRUNE_MIN_VOCAB = 256
-_PRUNE_MIN_NUMEL = 1 << 17  # below ~32 rows of 4096 the full path is faster (measured)
-_PRUNE_MAX_SURVIVORS = 0.25  # fall back when more than this fraction of [M, V] survives
-_PRUNE_SPARSE = 1 / 64  # apply the log_q bound only when the u bound keeps more than this
-_MARGIN = 1e-6  # relative slack of the bounds (rounding of log is ~1e-15)
-_NEAR_TIE = 1e-9  # relative gap below which the winner is recomputed the reference way
-
-
-def _gumbel_(u64: Tensor) -> Tensor:
-    """``-log(-log(max(u, tiny)))`` in place on a float64 tensor (same ops as out of place)."""
-    return u64.clamp_min_(_TINY).log_().neg_().log_().neg_()
-
-
-def _values(log_q: Tensor, u: Tensor) -> Tensor:
-    """``log_q + G(u)`` in float64 for gathered entries (a fresh tensor)."""
-    return _gumbel_(u.to(torch.float64, copy=True)).add_(log_q)
-
-
-def _full_argmax(log_q: Tensor, u: Tensor, overwrite_u: bool) -> Tensor:
-    """The reference computation, in place on ``u`` when allowed (bit-identical to
-    ``(log_q.to(float64) - torch.log(-torch.log(u.to(float64).clamp_min(tiny)))).argmax(-1)``:
-    negation, clamping and float64 promotion are exact and ``a + b == b + a``)."""
-    own = overwrite_u and u.dtype == torch.float64 and u.is_contiguous()
-    noise = _gumbel_(u if own else u.to(torch.float64).clamp_min(_TINY))
-    return noise.add_(log_q).argmax(dim=-1)
-
-
-def _pruned_argmax(log_q: Tensor, u: Tensor) -> Tensor | None:
-    """``argmax`` rows of ``[M, V]`` from a survivor subset; ``None`` = use the full path.
-
-    Let ``c`` be the larger value of two evaluated candidates (argmax ``u``, argmax ``log_q``),
-    ``G* = G(max u)`` and ``q* = max log_q``. A token ``v`` can reach ``c`` only if
-    ``log_q[v] >= c - G*`` and ``G(u[v]) >= c - q*``, i.e. ``u[v] >= exp(-exp(q* - c))``; both
-    bounds get a relative slack ``_MARGIN`` (and the ``u`` bound 4 ulps) so that rounding of the
-    logarithms cannot exclude the winner. Survivors are evaluated with the same float64 ops;
-    a row is accepted only if its best survivor is unique and beats the runner-up by more than
-    ``_NEAR_TIE`` (relative), which no few-ulp difference between how ``log`` rounds in
-    different memory layouts can overturn."""
-    M, V = u.shape
-    u_max, v_u = u.max(dim=-1)
-    lq_max, v_q = log_q.max(dim=-1)
-    candidates = torch.stack([v_u, v_q], dim=-1)  # [M, 2]
-    c = _values(log_q.gather(-1, candidates), u.gather(-1, candidates)).amax(dim=-1)
-    g_max = _gumbel_(u_max.to(torch.float64, copy=True))
-    lq_max = lq_max.to(torch.float64)
-    if not bool((c.isfinite() & g_max.isfinite() & lq_max.isfinite()).all()):
-        return None  # NaN, u >= 1 or infinite log_q: leave it to the reference computation
-    slack = _MARGIN * (1.0 + c.abs())
-    lq_floor = c - g_max - slack
-    u_floor = torch.exp(-torch.exp(lq_max - c + slack))
-    zero = torch.zeros_like(u_floor)
-    for _ in range(4):
-        u_floor = torch.nextafter(u_floor, zero)
-    # G sees max(u, tiny): below tiny the bound on u says nothing
-    u_floor = u_floor.masked_fill(u_floor <= _TINY, -torch.inf)
-    if log_q.dtype == torch.float32:  # compare in float32 against a threshold rounded down
-        lq_floor = torch.nextafter(lq_floor.float(), torch.tensor(-torch.inf, device=u.device))
-    keep = u >= u_floor.unsqueeze(-1)
-    if int(torch.count_nonzero(keep)) > _PRUNE_SPARSE * M * V:  # else the u bound suffices
-        keep &= log_q >= lq_floor.unsqueeze(-1)
-    row, col = keep.nonzero(as_tuple=True)
-    if row.numel() > _PRUNE_MAX_SURVIVORS * M * V:
-        return None
-    values = _values(log_q[row, col], u[row, col])
-    neg_inf = torch.full((M,), -torch.inf, dtype=torch.float64, device=u.device)
-    best = neg_inf.clone().scatter_reduce_(0, row, values, "amax")
-    is_best = values == best[row]
-    runner_up = neg_inf.clone().scatter_reduce_(0, row[~is_best], values[~is_best], "amax")
-    count = torch.zeros(M, dtype=torch.long, device=u.device).index_add_(0, row, is_best.long())
-    clear = (count == 1) & (best - runner_up > _NEAR_TIE * (1.0 + best.abs()))
-    if not bool(clear.all()):
-        return None
-    return col[is_best]
+def gumbel_max(log_q: Tensor, u: Tensor) -> Tensor:
+    """``argmax(log_q + G)`` with ``G = -log(-log u)`` in float64; ``u`` uniforms broadcastable
+    to ``log_q`` (``V`` per row). Kept as the textbook reference draw (``sample_categorical``);
+    the sampler draws with ``inverse_cdf`` (one uniform per row)."""
+    gumbel = -torch.log(-torch.log(u.to(torch.float64).clamp_min(_TINY)))
+    return (log_q.to(torch.float64) + gumbel).argmax(dim=-1)
 
 
 _CHUNK = 64  # tokens per chunk of inverse_cdf's two-level cumulative sum
