@@ -118,6 +118,8 @@ HINTS = {
     "nfe_budget": "a positive integer number of network evaluations per answer, e.g. --nfe_budget 256",
     "device": "cpu or cuda",
     "gen_ppl": "true or false, e.g. --gen_ppl true",
+    "method": "a method config file or its fields (--method.potential self_reward); the old "
+    "--method plain|srsmc|tilt is a method config now (configs/methods/embedded/srsmc.yaml)",
     "compare": "one or more method config files: --compare A.yaml B.yaml",
 }
 #: docs of the method-config keys that their parser leaves undocumented
@@ -250,7 +252,7 @@ def _parse(parser, args: list[str], namespace: Namespace | None = None) -> Names
                 f"sample: {text}\n(python -m lightning_smc.sample --help lists every option)"
             ) from None
         name = key.group(1)
-        given = re.search(r"Given value: (.*)|Got value: (.*)", text)
+        given = re.search(r"Given value: (.*)|Got value: (.*)|Unable to load config '(.*?)'", text)
         value = next((g for g in given.groups() if g), "") if given else ""
         hint = HINTS.get(name, "see python -m lightning_smc.sample --help")
         raise SampleUsageError(
