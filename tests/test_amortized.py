@@ -285,10 +285,10 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="F_psi kind"):
         toy_module(log_normalizer="table")
     module = toy_module()
-    module.reward = module.tilt.reward = lambda x: torch.full((x.shape[0],), float("nan"))
+    module.reward = lambda x: torch.full((x.shape[0],), float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
         module.rollout()
-    module.tilt.reward = lambda x: torch.zeros(x.shape[0], 2)
+    module.reward = lambda x: torch.zeros(x.shape[0], 2)
     with pytest.raises(ValueError, match="one score per sequence"):
         module.rollout()
 
@@ -297,20 +297,21 @@ def test_reward_evaluation_logs_tables_and_images_to_wandb(tmp_path, monkeypatch
     from lightning.pytorch.loggers import WandbLogger
 
     from lightning_smc.callbacks import RewardEvaluation
-    from lightning_smc.methods import Method
+    from lightning_smc.methods import DenoiserProposalSpec, Method, RewardTiltSpec
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     module = toy_module(steps_per_epoch=2)
     evaluation = RewardEvaluation(
         [
-            Method(name="SMCbase", num_particles=2, num_steps=6, potential="tilt", alpha=ALPHA),
+            Method(
+                name="SMCbase", num_particles=2, num_steps=6, potential=RewardTiltSpec(alpha=ALPHA)
+            ),
             Method(
                 name="SMCamot",
                 num_particles=2,
                 num_steps=6,
-                potential="tilt",
-                alpha=ALPHA,
-                proposal="amortized",
+                potential=RewardTiltSpec(alpha=ALPHA),
+                proposal=DenoiserProposalSpec(),
             ),
         ],
         num_prompts=3,

@@ -8,12 +8,13 @@ import pytest
 import torch
 import yaml
 
+from lightning_smc.evaluation import MethodResult, run_config
 from lightning_smc.methods import (
+    DenoiserProposalSpec,
     Method,
     build_sampler,
     load_method_config,
     method_parser,
-    run_method,
 )
 from lightning_smc.models.loading import EMBEDDED_ADAPTER, load_model
 
@@ -71,10 +72,10 @@ def test_method_config_parses_and_smoke_runs(config):
         for key, value in EMBEDDED_SCORERS.items():
             if parsed[key] is not None:
                 overrides += [f"--{key}", json.dumps(value)]
-        if parsed.method.adapter is not None:
-            overrides += ["--method.adapter", "embedded"]
+        if "DenoiserProposalSpec" in str(parsed.method.proposal):
+            overrides += ["--method.proposal.adapter", "embedded"]
     run = load_method_config(config, overrides)
-    result = run_method(run)
+    result = run_config(run)
     assert result.tokens.shape == (2, 8)
     assert len(result.texts) == 2
     if run.method.needs_reward:
@@ -97,8 +98,8 @@ def test_answers_do_not_depend_on_the_batch_size():
         "--method.num_particles",
         "2",
     ]
-    a = run_method(load_method_config(None, [*base, "--batch_size", "3"]))
-    b = run_method(load_method_config(None, [*base, "--batch_size", "1"]))
+    a = run_config(load_method_config(None, [*base, "--batch_size", "3"]))
+    b = run_config(load_method_config(None, [*base, "--batch_size", "1"]))
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.reward, b.reward)
 
@@ -118,9 +119,9 @@ def test_best_of_n_picks_the_highest_reward_particle():
 
 
 def test_bad_method_configs_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="potential='tilted' is not one of"):
+    with pytest.raises(ValueError, match=r"potential='tilted' is not .*\['self_reward', 'tilt'\]"):
         Method(potential="tilted")
-    with pytest.raises(ValueError, match="needs potential: tilt"):
+    with pytest.raises(ValueError, match="needs potential: RewardTiltSpec"):
         Method(proposal="gradient")
     denoiser, _ = load_model("embedded")
     with pytest.raises(ValueError, match="needs a reward"):
@@ -187,13 +188,13 @@ def test_bad_prompt_files_are_clear_errors(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="is empty"):
-        run_method(load_method_config(config, ["--prompts", str(empty)]))
+        run_config(load_method_config(config, ["--prompts", str(empty)]))
     long = tmp_path / "long.txt"
     long.write_text("short\n" + "the king " * 40 + "\n")
     with pytest.raises(ValueError, match="line 2 is .* tokens"):
-        run_method(load_method_config(config, ["--prompts", str(long), "--seq_len", "16"]))
+        run_config(load_method_config(config, ["--prompts", str(long), "--seq_len", "16"]))
     with pytest.raises(FileNotFoundError, match="not a file"):
-        run_method(load_method_config(config, ["--prompts", str(tmp_path / "none.txt")]))
+        run_config(load_method_config(config, ["--prompts", str(tmp_path / "none.txt")]))
 
 
 def test_compute_matched_budget_trades_steps_for_particles():
@@ -203,7 +204,8 @@ def test_compute_matched_budget_trades_steps_for_particles():
     srsmc = match_budget(Method(name="sr", num_particles=4, potential="self_reward"), 256)
     bon = match_budget(Method(name="bon", num_particles=4, select="reward"), 256)
     amot = match_budget(
-        Method(name="amot", num_particles=4, potential="tilt", proposal="amortized"), 256
+        Method(name="amot", num_particles=4, potential="tilt", proposal=DenoiserProposalSpec()),
+        256,
     )
     assert (base.num_steps, srsmc.num_steps, bon.num_steps, amot.num_steps) == (256, 64, 64, 32)
     with pytest.raises(ValueError, match="less than one step"):
@@ -230,11 +232,9 @@ EVERY_STEP = [*SHRINK[:2], "--num_samples", "5", "--batch_size", "2", "--method.
 
 
 def test_shards_merge_into_the_single_process_result():
-    from lightning_smc.methods import MethodResult
-
     run = load_method_config(ROOT / "configs/methods/embedded/smc_base.yaml", EVERY_STEP)
-    whole = run_method(run)
-    parts = [run_method(run, shard=(rank, 3)) for rank in range(3)]
+    whole = run_config(run)
+    parts = [run_config(run, shard=(rank, 3)) for rank in range(3)]
     assert [p.index.tolist() for p in parts] == [[0, 1], [2, 3], [4]]
     merged = MethodResult.merge(parts[::-1])  # any order of parts
     for field in MethodResult.__dataclass_fields__:
@@ -244,13 +244,13 @@ def test_shards_merge_into_the_single_process_result():
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, field
     with pytest.raises(ValueError, match="more than one part"):
         MethodResult.merge([parts[0], parts[0]])
-    empty = run_method(dataclasses.replace(run, num_samples=1), shard=(1, 2))
+    empty = run_config(dataclasses.replace(run, num_samples=1), shard=(1, 2))
     assert len(empty) == 0 and empty.tokens.shape == (0, 8) and empty.log_weights.shape == (0, 3)
 
 
 def test_summary_statistics_match_the_results_fields():
     run = load_method_config(ROOT / "configs/methods/embedded/smc_base.yaml", EVERY_STEP)
-    result = run_method(run)
+    result = run_config(run)
     row = result.summary(0.5)
     log_z = result.log_normalizer
     assert row["log_z_mean"] == pytest.approx(float(log_z.mean()), rel=1e-12)

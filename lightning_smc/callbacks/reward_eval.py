@@ -1,7 +1,8 @@
 """``RewardEvaluation``: named metrics of sampling methods, at every validation.
 
-Each method (a ``methods.Method``) is built with ``build_sampler`` on the module's base
-denoiser; ``proposal: amortized`` uses the module's LoRA proposal ``q`` as it is at that moment.
+Each method (a ``methods.Method``) is run by ``evaluation.evaluate_distributed`` (which builds
+its sampler with ``methods.build_sampler``) on the module's base denoiser; a
+``DenoiserProposalSpec`` proposal uses the module's LoRA proposal ``q`` as it is at that moment.
 All methods see the same prompts and seeds (one generator per prompt, ``derive_seed(seed, i)``),
 so their numbers are comparable across methods and across validations.
 
@@ -37,7 +38,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..methods import Method, MethodResult, MethodRun, evaluate_method
+from ..evaluation import MethodResult, evaluate_distributed
+from ..methods import Method
 from ..metrics.perplexity import SMOLLM2, check_scorer
 from ..metrics.registry import (
     DEFAULT_METRICS,
@@ -64,7 +66,7 @@ class RewardEvaluation(L.Callback):
         ``success_threshold`` times its ``scale``, else 0).
     every_n_validations: run at the 1st, (k+1)-th, ... validation.
     seed: the seed of the prompts' generators.
-    guide: a differentiable surrogate for ``proposal: gradient`` methods (see ``build_sampler``).
+    guide: a differentiable surrogate for ``GradientProposalSpec`` methods (``build_sampler``).
     metrics: metric names (``metrics.registry.METRICS``); ``None``: the defaults above.
     gen_ppl_model: the causal LM of ``gen_ppl`` (``"smollm2"``, a ``.gguf`` file, a
         ``save_pretrained`` directory or a hub name); ``gen_ppl_batch_size``: its batch size.
@@ -223,21 +225,21 @@ class RewardEvaluation(L.Callback):
                         num_steps=min(method.num_steps, 4),
                     )
                 num_prompts = min(self.num_prompts, 2) if smoke else self.num_prompts
-                run = MethodRun(
-                    method=method,
-                    model="(the module's)",
+                metrics = metric_sets[method.name].to(pl_module.device)
+                summary, result = evaluate_distributed(
+                    method,
+                    metrics,
+                    base,
+                    tokenizer,
+                    num_samples=num_prompts,
                     reward=reward,
                     holdout=self.holdout,
                     guide=self.guide,
-                    tokenizer=None,
-                    prompts=None,
                     seq_len=self.seq_len or pl_module.hparams.seq_len,
-                    num_samples=num_prompts,
                     batch_size=num_prompts,
                     seed=self.seed,
+                    amortized=lora,
                 )
-                metrics = metric_sets[method.name].to(pl_module.device)
-                summary, result = evaluate_method(run, metrics, base, tokenizer, amortized=lora)
                 results[method.name] = summary
                 self.last_samples[method.name] = result
         finally:

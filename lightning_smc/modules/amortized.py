@@ -1,7 +1,9 @@
 """Training the amortized proposal (SMCamot): a LoRA adapter ``q_phi`` and ``F_psi(t)``.
 
 Target: the reward tilt ``p_theta(x) exp(r(x) / alpha)`` with twist ``log gamma_t = lambda_t
-r_hat(x_t) / alpha`` (``potentials.RewardTilt``). For a transition ``x_t -> x_s`` that commits
+r_hat(x_t) / alpha`` (``potentials.RewardTilt``; the rollouts' sampler is ``methods.build_sampler``
+of ``Method(potential=RewardTiltSpec(alpha, schedule, twist_samples),
+proposal=DenoiserProposalSpec())`` with the module's LoRA ``q_phi`` as the proposal). For a transition ``x_t -> x_s`` that commits
 tokens at positions ``C``,
 
     log w = log gamma_s(x_s) - log gamma_t(x_t) + sum_{i in C} [log p_theta(x_s^i | x_t)
@@ -28,6 +30,7 @@ ready for ``DenoiserProposal`` through ``LoRADenoiser.from_adapter``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,9 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..methods import DenoiserProposalSpec, Method, RewardTiltSpec, build_sampler
 from ..models.lora import LoRADenoiser
-from ..potentials import RewardTilt
-from ..proposals import DenoiserProposal
 from ..rewards import BaseReward
 from ..sampler import SMCSampler
 from ..sampling.context import output_log_probs
@@ -225,7 +227,15 @@ class AmortizedProposalModule(L.LightningModule):
         self.q = LoRADenoiser(denoiser, lora_rank, lora_alpha, target_modules, lora_dropout)
         self.f_psi = LogNormalizer(num_steps, log_normalizer)
         self.reward = reward
-        self.tilt = RewardTilt(reward, alpha=alpha, schedule=schedule, num_samples=twist_samples)
+        self.method = Method(  # the rollouts' method: q_phi under the tilt (temperature 1, exact)
+            name="rollout",
+            num_particles=rollout_particles,
+            num_steps=num_steps,
+            unmasking=unmasking,
+            potential=RewardTiltSpec(alpha=alpha, schedule=schedule, num_samples=twist_samples),
+            proposal=DenoiserProposalSpec(),
+        )
+        self.rollout_sampler()  # builds the target now: bad settings fail here, not in fit
         self.replay: list[SMCPath] = []
 
     @staticmethod
@@ -238,16 +248,12 @@ class AmortizedProposalModule(L.LightningModule):
 
     # ------------------------------------------------------------------ sampling
     def rollout_sampler(self, num_particles: int | None = None) -> SMCSampler:
-        """The shared sampler drawing from ``q_phi`` under the tilt (temperature 1, exact)."""
-        hp = self.hparams
-        return SMCSampler(
-            self.q.base_denoiser,
-            num_particles=num_particles or hp.rollout_particles,
-            num_steps=hp.num_steps,
-            unmasking=hp.unmasking,
-            potential=self.tilt,
-            proposal=DenoiserProposal(self.q),
-        )
+        """The shared sampler drawing from ``q_phi`` under the tilt (``self.method``, built by
+        ``methods.build_sampler`` with this module's reward and LoRA proposal)."""
+        method = self.method
+        if num_particles is not None:
+            method = dataclasses.replace(method, num_particles=num_particles)
+        return build_sampler(method, self.q.base_denoiser, reward=self.reward, amortized=self.q)
 
     def _world(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the trainer this module is attached to (``(0, 1)`` alone)."""
@@ -386,7 +392,8 @@ class AmortizedProposalModule(L.LightningModule):
         self.replay = [_shard_rows(SMCPath(**p), rank, world) for p in checkpoint.get("replay", [])]
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
+        # not after fast_dev_run, nor after a fit with no optimizer step (an untrained adapter)
+        if self.trainer.is_global_zero and not self.trainer.fast_dev_run and self.global_step:
             root = self.hparams.export_dir or Path(self.trainer.default_root_dir) / "adapter"
             self.save_adapter(root)
 

@@ -1,0 +1,164 @@
+"""``Method``: sampler settings + target + proposal + answer rule, and ``build_sampler``.
+
+``build_sampler(method, denoiser, reward=, amortized=, guide=)`` is the one builder of the
+shared ``SMCSampler`` (used by the ``sample`` CLI, ``RewardEvaluation`` and
+``AmortizedProposalModule.rollout_sampler``); ``match_budget`` sets the steps for an NFE budget;
+``answers`` picks one sequence per prompt. Example::
+
+    method = Method(name="SR-SMC", num_particles=4, num_steps=32, potential=SelfRewardSpec())
+    out = build_sampler(method, denoiser).sample(32, batch_size=2, generator=g)
+    answers(out, method)  # [2, 32]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+from .. import dist
+from ..sampler import Resampling, SMCSampler, Unmasking
+from ..sampling.output import SMCOutput
+from .specs import PotentialSpec, ProposalSpec, RewardTiltSpec, Spec, as_spec
+
+__all__ = ["Method", "answers", "build_sampler", "evaluations_per_step", "match_budget"]
+
+
+# ------------------------------------------------------------------------------ method
+@dataclass
+class Method:
+    """A sampling method (see the module docstring for the presets and the specs).
+
+    Args:
+        name: label in logs and tables.
+        num_particles, num_steps, unmasking, block_length, temperature, top_p, resampling,
+            ess_threshold, resample_when, confidence_threshold, cache: as in ``SMCSampler``.
+        potential: ``None`` (the plain target), a ``PotentialSpec`` or its registry name.
+        proposal: ``None`` (the base kernel), a ``ProposalSpec`` or its registry name; it
+            steers towards a reward, so it needs ``RewardTiltSpec``.
+        select: ``"weight"`` (highest-weight particle) or ``"reward"`` (best-of-N).
+        shard_particles: split each prompt's ``num_particles`` over the ranks of the default
+            process group (``SMCSampler(layout="sharded")``, global resampling): for ``N`` too
+            large for one device. Every rank then samples every prompt and holds the same
+            answers. In a single process this is the local layout, bit for bit.
+    """
+
+    name: str = "smc"
+    num_particles: int = 8
+    num_steps: int = 64
+    unmasking: Unmasking = "ancestral"
+    block_length: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    potential: PotentialSpec | Literal["tilt", "self_reward"] | None = None
+    proposal: ProposalSpec | Literal["gradient", "amortized"] | None = None
+    resampling: Resampling = "systematic"
+    ess_threshold: float | None = None  # None: 0.5 (SMCSampler); not with resample_when
+    resample_when: str | None = None
+    confidence_threshold: float = 0.9
+    select: Literal["weight", "reward"] = "weight"
+    cache: bool = False
+    shard_particles: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            self.potential = as_spec(self.potential, PotentialSpec, "potential")
+            self.proposal = as_spec(self.proposal, ProposalSpec, "proposal")
+        except ValueError as err:
+            raise ValueError(f"method {self.name!r}: {err}") from None
+        if self.select not in ("weight", "reward"):
+            raise ValueError(
+                f"method {self.name!r}: select={self.select!r} is not 'weight' or 'reward'"
+            )
+        if self.proposal is not None and not isinstance(self.potential, RewardTiltSpec):
+            raise ValueError(
+                f"method {self.name!r}: proposal {type(self.proposal).__name__} steers towards a "
+                "reward; it needs potential: RewardTiltSpec"
+            )
+
+    @property
+    def needs_reward(self) -> bool:
+        return (
+            bool(self.potential is not None and self.potential.needs_reward)
+            or self.select == "reward"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as in a config file (specs as ``class_path`` / ``init_args``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v.to_dict() if isinstance(v, Spec) else v for k, v in out.items()}
+
+
+def evaluations_per_step(method: Method) -> int:
+    """Denoiser evaluations per particle per step: 1, plus the ``extra_nfe`` its potential and
+    proposal classes declare (the amortized proposal: 1; the gradient proposal adds a reward
+    backward pass, not a network call)."""
+    return 1 + sum(s.target.extra_nfe for s in (method.potential, method.proposal) if s is not None)
+
+
+def match_budget(method: Method, nfe_budget: int) -> Method:
+    """``method`` with the number of steps that spends ``nfe_budget`` network evaluations per
+    answer (``num_particles * num_steps * evaluations_per_step``), so methods compare at equal
+    compute: e.g. a budget of 256 gives the base sampler 256 steps and SR-SMC with N=4 64
+    steps. A budget too small for one step per particle is an error."""
+    per_step = method.num_particles * evaluations_per_step(method)
+    steps = nfe_budget // per_step
+    if steps < 1:
+        raise ValueError(
+            f"method {method.name!r}: an NFE budget of {nfe_budget} is less than one step of "
+            f"{method.num_particles} particle(s) x {evaluations_per_step(method)} evaluation(s)"
+        )
+    return dataclasses.replace(method, num_steps=steps)
+
+
+def build_sampler(
+    method: Method,
+    denoiser: Any,
+    reward: Any = None,
+    amortized: Any = None,
+    progress_bar: bool = False,
+    guide: Any = None,
+) -> SMCSampler:
+    """The shared ``SMCSampler`` for ``method`` on ``denoiser`` (``p_theta``).
+
+    ``reward`` is bound into the potential; ``amortized``: the trained LoRA proposal for
+    ``DenoiserProposalSpec`` (else its ``adapter`` is loaded onto a copy of ``denoiser``, which
+    stays unadapted); ``guide``: a differentiable reward whose gradient drives
+    ``GradientProposalSpec`` in place of the target's reward (a surrogate for a reward without
+    gradients; the target and its weights do not change)."""
+    if method.needs_reward and reward is None:
+        raise ValueError(f"method {method.name!r} needs a reward (reward: ... in the config)")
+    late = {"denoiser": denoiser, "reward": reward, "guide": guide, "amortized": amortized}
+    try:
+        potential, proposal = (
+            None if spec is None else spec.build(**late)
+            for spec in (method.potential, method.proposal)
+        )
+    except ValueError as err:
+        raise ValueError(f"method {method.name!r}: {err}") from err
+    return SMCSampler(
+        denoiser,
+        num_particles=method.num_particles,
+        num_steps=method.num_steps,
+        unmasking=method.unmasking,
+        block_length=method.block_length,
+        temperature=method.temperature,
+        top_p=method.top_p,
+        potential=potential,
+        proposal=proposal,
+        resampling=method.resampling,
+        ess_threshold=method.ess_threshold,
+        resample_when=method.resample_when,
+        confidence_threshold=method.confidence_threshold,
+        cache=method.cache,
+        progress_bar=progress_bar,
+        layout="sharded" if method.shard_particles and dist.is_initialized() else "local",
+    )
+
+
+def answers(out: SMCOutput, method: Method, reward: Any = None) -> Tensor:
+    """One sequence per prompt ``[B, L]``: the highest-weight particle, or for
+    ``select: reward`` the particle with the highest reward (best-of-N)."""
+    return out.best(reward) if method.select == "reward" else out.best()
