@@ -29,8 +29,8 @@ from .rewards import (
     WordListToxicity,
 )
 from .sampler import SMCSampler
-from .sampling.layouts import LocalParticles, ParticleShards
 from .sampling.checks import WeightError
+from .sampling.layouts import LocalParticles, ParticleShards
 from .sampling.output import SMCOutput
 from .smc import derive_seed
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from .diffusion import inverse_cdf
 from .models.base import Denoiser
 from .rewards.base import Reward, check_reward_output
+from .sampling.checks import check_count, check_denoiser_output, check_finite
 from .sampling.context import StepContext, output_log_probs
 from .smc import log_mean_exp
 
@@ -99,8 +100,7 @@ class SelfReward(Potential):
     needs_log_probs = False
 
     def __init__(self, beta: float = 1.0):
-        if beta < 0:
-            raise ValueError(f"SelfReward beta must be >= 0, got {beta}")
+        beta = check_finite(beta, "beta", "SelfReward", minimum=0)
         self.beta = beta
         self.exponent = 1.0 + beta
 
@@ -130,14 +130,11 @@ class RewardTilt(Potential):
         schedule: str | Callable[[float], float] = "linear",
         num_samples: int = 1,
     ):
-        if not alpha > 0:
-            raise ValueError(
-                f"RewardTilt alpha must be > 0 (the tilt is exp(r / alpha)), got {alpha}"
-            )
-        if num_samples < 0:
-            raise ValueError(
-                f"RewardTilt num_samples must be >= 0 (0 = greedy x0), got {num_samples}"
-            )
+        hint = " (the tilt is exp(r / alpha))"
+        check_finite(alpha, "alpha", "RewardTilt", positive=True, hint=hint)
+        if not math.isfinite(1.0 / float(alpha)):
+            raise ValueError(f"RewardTilt alpha={alpha!r} is so small that 1 / alpha overflows")
+        num_samples = check_count(num_samples, "num_samples (0 = greedy x0)", 0, "RewardTilt")
         self.reward = reward
         self.alpha = float(alpha)
         self.schedule = get_twist_schedule(schedule)
@@ -147,7 +144,9 @@ class RewardTilt(Potential):
         return check_reward_output(self.reward, self.reward(x0), x0.shape[0])
 
     def twist(self, ctx: StepContext, base_log_probs: Tensor) -> Tensor:
-        lam = float(self.schedule(ctx.progress))
+        lam = check_finite(
+            self.schedule(ctx.progress), f"schedule({ctx.progress:.4g})", "RewardTilt"
+        )
         if lam == 0.0:
             return torch.zeros(ctx.x_t.shape[0], dtype=torch.float64, device=ctx.x_t.device)
         return lam * self._r_hat(ctx, base_log_probs) / self.alpha
@@ -200,6 +199,8 @@ class ProductTarget(Potential):
 
     def offset(self, ctx: StepContext) -> Tensor:
         logits = self.second_denoiser(ctx.x_t, ctx.t, ctx.expand(self.second_cond))
+        if ctx.plan.step == 0:  # once per run, as for the sampler's denoiser
+            check_denoiser_output(self.second_denoiser, logits, ctx.x_t)
         lp2 = output_log_probs(self.second_denoiser, logits)
         # Outside the common support the target is 0: never let (1 - w) * (-inf) become +inf.
         return torch.where(torch.isfinite(lp2), (1.0 - self.exponent) * lp2, -torch.inf)

@@ -51,6 +51,7 @@ from torch import Tensor
 from .models.base import Denoiser
 from .potentials import RewardTilt, get_twist_schedule
 from .rewards.base import Reward, check_reward_output
+from .sampling.checks import check_finite
 from .sampling.context import StepContext, output_log_probs
 
 __all__ = ["DenoiserProposal", "GradientProposal", "Proposal"]
@@ -248,7 +249,8 @@ class GradientProposal(Proposal):
                 f"denoiser's vocab_size is {self.vocab_size}"
             )
         plan = ctx.plan
-        lam = float(self.schedule(min((plan.step + 1) / plan.num_steps, 1.0)))  # at x_s
+        progress = min((plan.step + 1) / plan.num_steps, 1.0)  # at x_s
+        lam = check_finite(self.schedule(progress), f"schedule({progress:.4g})", "GradientProposal")
         coefficient = self.scale * lam / self.alpha
         masked = ctx.masked()
         if coefficient == 0.0 or not bool(masked.any()):

@@ -36,9 +36,12 @@ ancestors after a resample, ``tokens`` at the end) do the communication.
 The loop (``SMCSampler._run``) reads as its sub-steps: for each step of the **plan**
 (``diffusion.plan_steps``), *evaluate* the denoiser, *weigh by the twist*, *maybe resample*,
 *propose and weigh the move* (``sampling.propose.Kernel``), *record* (``sampling.trace``).
-Potentials and proposals declare what they need (``Potential.has_offset``,
-``Potential.needs_log_probs``, ``extra_nfe``, a ``bind`` that is a no-op on the base
-classes); the sampler never inspects their methods. Denoisers that keep per-row state (a KV
+What the sampler is given is checked once per call (``sampling.checks``: argument types,
+the denoiser's first output, ``cond``'s batch) and the log-weights after every increment: a
+NaN or ``+inf`` weight, or a prompt left with no particle of finite weight, raises
+``WeightError`` naming the step and the term. Potentials and proposals declare what they
+need (``Potential.has_offset``, ``Potential.needs_log_probs``, ``extra_nfe``, a ``bind`` that
+is a no-op on the base classes); the sampler never inspects their methods. Denoisers that keep per-row state (a KV
 cache) define ``reorder_state(index)``; the sampler calls it on every movement of rows
 (``sampling.cache.CachedDenoiser.reorder_state``).
 
@@ -66,6 +69,7 @@ from .models.base import Denoiser
 from .potentials import Potential
 from .proposals import Proposal
 from .sampling.cache import CachedDenoiser
+from .sampling.checks import WeightGuard, check_cond, check_count, check_sample_args, check_strategy
 from .sampling.context import Scratch, StepContext, expand_rows, outputs_log_probs
 from .sampling.layouts import LocalParticles, get_layout
 from .sampling.output import SMCOutput
@@ -95,9 +99,11 @@ class SMCSampler:
         potential: ``None`` | ``SelfReward`` | ``RewardTilt`` | ``ProductTarget``.
         proposal: ``None`` (base kernel) or any ``Proposal``, e.g. ``DenoiserProposal``.
         resampling: scheme name (``systematic``, ``multinomial``, ``stratified``, ``residual``).
-        ess_threshold: resample when ``ESS < ess_threshold * N`` (the default strategy).
-        resample_when: a strategy spec overriding that (``"always"``, ``"every:10"``,
-            ``"block"``, ``"block:0.5"``, ``"never"``) or a strategy object.
+        ess_threshold: resample when ``ESS < ess_threshold * N`` (the default strategy;
+            ``None``: 0.5).
+        resample_when: a strategy spec replacing that (``"always"``, ``"every:10"``,
+            ``"block"``, ``"block:0.5"``, ``"never"``) or a strategy object; giving it together
+            with ``ess_threshold`` is an error.
         schedule: ``alpha(t)`` for ``ancestral`` / ``remdm`` unmasking (a name or a ``Schedule``).
         confidence_threshold: the ``threshold`` policy's confidence.
         cache: reuse a particle's logits when none of its tokens changed (MDLM's ``ddpm_cache``;
@@ -120,7 +126,7 @@ class SMCSampler:
         potential: Potential | None = None,
         proposal: Proposal | None = None,
         resampling: Resampling = "systematic",
-        ess_threshold: float = 0.5,
+        ess_threshold: float | None = None,
         resample_when: str | ResampleStrategy | None = None,
         schedule: str | Schedule = "linear",
         confidence_threshold: float = 0.9,
@@ -128,10 +134,8 @@ class SMCSampler:
         progress_bar: bool = False,
         layout: Literal["local", "sharded"] | LocalParticles = "local",
     ):
-        if num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        num_particles = check_count(num_particles, "num_particles")
+        num_steps = check_count(num_steps, "num_steps")
         _check_sampling(torch.zeros(1, 2), temperature, top_p)  # validates both
         kwargs = {
             "ancestral": {"schedule": schedule},
@@ -149,7 +153,6 @@ class SMCSampler:
         )
         self.temperature, self.top_p = temperature, top_p
         self.potential = potential if potential is not None else Potential()
-        self.potential.bind(denoiser)
         self.proposal = proposal
         for value, base, name in (
             (potential, Potential, "potential"),
@@ -160,12 +163,11 @@ class SMCSampler:
                     f"{name}={type(value).__name__} is not an ls.{base.__name__}: subclass "
                     f"ls.{base.__name__} (its base class declares the defaults the sampler reads)"
                 )
+        self.potential.bind(denoiser)  # (after the type check)
         if proposal is not None:  # e.g. GradientProposal reads the tilt's reward and alpha
             proposal.bind(self.potential, denoiser)
         self.resample = get_resampling(resampling)
-        self.strategy = get_strategy(
-            resample_when if resample_when is not None else f"ess:{ess_threshold}"
-        )
+        self.strategy = get_strategy(check_strategy(ess_threshold, resample_when))
         self.progress_bar = progress_bar
         self.cache = cache
         self.followers = _stateful(denoiser, self.potential, proposal)
@@ -186,18 +188,22 @@ class SMCSampler:
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         device: torch.device | str | None = None,
         record_path: bool = False,
+        infill: bool = False,
     ) -> SMCOutput:
         """Draw ``N`` weighted particles for each of ``B`` prompts (see the module docstring).
 
-        ``prompt [B, P]`` (``P < seq_len``) fixes the first ``P`` tokens; its ``mask_id`` entries
-        are generated (infilling; blocks then start at the first free position of the batch).
+        ``prompt [B, P]`` (``P < seq_len``, integer ids) fixes the first ``P`` tokens; with
+        ``infill=True`` its ``mask_id`` entries are generated (infilling; blocks then start at
+        the first free position of the batch), without it a prompt holding ``mask_id`` is refused.
         ``cond`` is a tensor ``[B, ...]`` or a dict / list of such tensors (class labels; text
         embeddings with pooled embeddings and micro-conditions): it is expanded to the particles
         and follows them. ``generator`` is one generator, or one per prompt for results
         independent of batch composition. ``record_path=True`` also returns every transition
         with its twists (``out.path``, an ``SMCPath``). With sharded particles every rank calls
         this with the same arguments and gets the same full output."""
+        check_sample_args(seq_len, batch_size, prompt, generator, self.denoiser.mask_id, infill)
         B, device = self._batch_and_device(batch_size, prompt, generator, device)
+        check_cond(cond, B)
         rows = self._row_generators(generator, B, device)
         n = self.layout.start(self.num_particles, device, record_path)  # particles held here
         x, start = self._initial_state(seq_len, B, prompt, device, n)
@@ -221,10 +227,12 @@ class SMCSampler:
         )
         network.reorder_state(torch.arange(B, device=x.device).repeat_interleave(n))
         run = _Run.start(x, B, self.num_particles, T, record_path)
+        run.guard = WeightGuard(self.layout, self.potential, self.proposal)
         scratch, generated = Scratch(), x == self.denoiser.mask_id
         for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
             if self._block_finished(run, plan):
                 continue
+            run.guard.step = plan.step
             t = torch.full((run.x.shape[0],), plan.t, device=x.device)
             ctx = StepContext(run.x, t, plan, cond, rows, n, self.denoiser.mask_id, scratch)
             ctx.generated = generated
@@ -237,10 +245,12 @@ class SMCSampler:
             x_from = run.x
             run.x, increment = self._propagate(ctx, base_lp, index)  # propose, weigh the move
             self.layout.add(run.log_w, increment)
+            run.guard.check(run.log_w, increment, "move")
             if run.path is not None:  # record
                 run.path.add(x_from, run.x, plan, run.twist)
-        self._reweigh(run, self.potential.final_twist(run.x))
+        self._reweigh(run, self.potential.final_twist(run.x), "final twist")
         self.layout.settle(run.log_w)
+        run.guard.settled(run.log_w)
         nfe = self.layout.total(network.evaluations) / (B * self.num_particles) + run.extra_evals
         out = run.trace.finish(self.layout.tokens(run.x, B), run.log_w, nfe)
         if run.path is not None:
@@ -255,10 +265,12 @@ class SMCSampler:
         run.trace.ess[:, plan.step - 1 :] = ess(run.log_w).unsqueeze(1)
         return True  # (the path records no transition: x does not move)
 
-    def _reweigh(self, run: _Run, twist: Tensor | None) -> None:
+    def _reweigh(self, run: _Run, twist: Tensor | None, term: str = "twist") -> None:
         """``log_w += log gamma(x) - log gamma_prev`` for a new twist (``None``: no twist)."""
         if twist is not None:
-            self.layout.add(run.log_w, twist - run.twist)
+            increment = twist - run.twist
+            self.layout.add(run.log_w, increment)
+            run.guard.check(run.log_w, increment, term)
             run.twist = twist
         if run.path is not None:
             run.path.reached(run.twist)
@@ -278,6 +290,7 @@ class SMCSampler:
         if k == 0:
             return base_lp, None
         self.layout.settle(run.log_w)
+        run.guard.settled(run.log_w)
         if N == 1:  # one particle: its ESS is 1 (as filled in) and it never resamples
             return base_lp, None
         run.trace.ess[:, k - 1] = ess(run.log_w)
@@ -380,7 +393,7 @@ class SMCSampler:
                 raise ValueError(f"prompt token ids must be in [0, vocab_size={V})")
             x[:, : prompt.shape[1]] = prompt.to(device)
             # Generation starts at the first free position of any prompt: masked prompt entries
-            # are generated (infilling); blocks tile [start, seq_len).
+            # are generated (infilling, infill=True); blocks tile [start, seq_len).
             start = int((x == mask_id).any(0).nonzero()[0])
         return x.repeat_interleave(particles, dim=0), start
 
@@ -396,6 +409,7 @@ class _Run:
     trace: Trace
     path: PathRecorder | None
     extra_evals: int = 0
+    guard: WeightGuard | None = None  # checks log_w after every increment (sampling.checks)
 
     @classmethod
     def start(cls, x: Tensor, B: int, N: int, T: int, record_path: bool) -> _Run:

@@ -696,7 +696,7 @@ def test_prompt_mask_entries_are_generated():
     mask_id = denoiser.mask_id
     prompt = torch.tensor([[1, mask_id, 2], [mask_id, 4, 5]])
     sampler = ls.SMCSampler(denoiser, num_particles=2, num_steps=4, unmasking="random")
-    out = sampler.sample(seq_len=8, prompt=prompt, generator=gen(0))
+    out = sampler.sample(seq_len=8, prompt=prompt, generator=gen(0), infill=True)
     assert not torch.any(out.tokens == mask_id)
     fixed = prompt != mask_id
     assert torch.equal(

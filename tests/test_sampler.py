@@ -203,7 +203,8 @@ def test_conditioning_reaches_the_denoiser_per_particle():
             logits[..., 3] = -torch.inf
             return logits
 
-    ls.SMCSampler(Recorder(), num_particles=3, num_steps=2).sample(4, cond=torch.tensor([10, 20]))
+    sampler = ls.SMCSampler(Recorder(), num_particles=3, num_steps=2)
+    sampler.sample(4, batch_size=2, cond=torch.tensor([10, 20]))  # one cond entry per prompt
     assert torch.equal(seen[0], torch.tensor([10, 10, 10, 20, 20, 20]))
 
 

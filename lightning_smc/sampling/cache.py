@@ -30,6 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from ..models.base import Denoiser
+from .checks import check_denoiser_output
 from .context import denoiser_log_probs, index_rows, outputs_log_probs
 
 __all__ = ["CachedDenoiser"]
@@ -62,18 +63,26 @@ class CachedDenoiser:
         self.x: Tensor | None = None
         self.log_probs: Tensor | None = None
         self.evaluations = 0
+        self.checked = False  # the first output of a run is checked (checks.check_denoiser_output)
+
+    def _forward(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        output = self.denoiser(x_t, t, cond)
+        if not self.checked:
+            check_denoiser_output(self.denoiser, output, x_t)
+            self.checked = True
+        return output
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         """``log p_theta(x0 | x_t)`` with the mask removed, ``[R, L, V]``."""
         if not self.enabled or self.x is None:
-            self.log_probs = self._log_probs(self.denoiser(x_t, t, cond), reuse=True)
+            self.log_probs = self._log_probs(self._forward(x_t, t, cond), reuse=True)
             self.evaluations += x_t.shape[0]
         else:
             stale = (x_t != self.x).any(-1).nonzero().flatten()
             if len(stale) == x_t.shape[0]:
-                self.log_probs = self._log_probs(self.denoiser(x_t, t, cond), reuse=True)
+                self.log_probs = self._log_probs(self._forward(x_t, t, cond), reuse=True)
             elif len(stale):
-                fresh = self.denoiser(x_t[stale], t[stale], index_rows(cond, stale))
+                fresh = self._forward(x_t[stale], t[stale], index_rows(cond, stale))
                 self.log_probs = self.log_probs.clone()
                 self.log_probs[stale] = self._log_probs(fresh)
             self.evaluations += len(stale)
@@ -98,7 +107,7 @@ class CachedDenoiser:
         """``log p_theta(x0 | x_t)`` of rows outside the cache (e.g. particles received from
         another process), counted in ``evaluations``; the cache is left as it is."""
         self.evaluations += x_t.shape[0]
-        return self._log_probs(self.denoiser(x_t, t, cond))
+        return self._log_probs(self._forward(x_t, t, cond))
 
     def _log_probs(self, output: Tensor, reuse: bool = False) -> Tensor:
         """Normalized (or, with ``normalize=False``, mask-removed) outputs; ``reuse``: write into
