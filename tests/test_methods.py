@@ -268,3 +268,66 @@ def test_summary_statistics_match_the_results_fields():
         "log_z_mean": row["log_z_mean"],
         "log_z_var": row["log_z_var"],
     }
+
+
+# ------------------------------------------------------------------ one method vocabulary
+def test_specs_fields_are_their_classes_arguments():
+    import inspect
+
+    from lightning_smc.methods import SPECS
+
+    for spec in SPECS.values():
+        builds = spec.target.from_adapter if spec is DenoiserProposalSpec else spec.target
+        arguments = set(inspect.signature(builds).parameters)
+        assert {f.name for f in dataclasses.fields(spec)} <= arguments, spec
+
+
+def test_a_method_config_builds_the_sampler_python_builds():
+    import lightning_smc as ls
+    from lightning_smc.methods import GradientProposalSpec, RewardTiltSpec
+
+    config = load_method_config(
+        ROOT / "configs/methods/embedded/smc_grad.yaml", ["--method.potential.alpha", "0.2"]
+    )
+    python = Method(
+        name="SMCgrad", num_particles=8, num_steps=32, resample_when="every:8",
+        potential=RewardTiltSpec(alpha=0.2, schedule="linear", num_samples=1),
+        proposal=GradientProposalSpec(tau=1.0),
+    )  # fmt: skip
+    assert config.method == python
+    denoiser, _ = load_model("embedded")
+    built = build_sampler(config.method, denoiser, config.reward, guide=config.guide)
+    assert type(built.potential) is ls.RewardTilt and built.potential.alpha == 0.2
+    assert built.potential.reward is config.reward and built.potential.num_samples == 1
+    assert type(built.proposal) is ls.GradientProposal and built.proposal.tau == 1.0
+    assert built.proposal.reward is config.guide and built.proposal.alpha == 0.2
+
+
+def test_old_method_spelling_is_refused_with_its_rewrite(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "method:\n  name: SMCgrad\n  potential: tilt\n  alpha: 0.1\n  twist_schedule: linear\n"
+        "  twist_samples: 1\n  proposal: gradient\n  gradient_tau: 0.5\n"
+    )
+    with pytest.raises(ValueError, match="twist_schedule.*old method spelling") as err:
+        load_method_config(old)
+    rewrite = yaml.safe_load(str(err.value).split("Rewrite it as:\n", 1)[1])["method"]
+    assert rewrite["potential"] == {
+        "class_path": "RewardTiltSpec",
+        "init_args": {"alpha": 0.1, "schedule": "linear", "num_samples": 1},
+    }
+    assert rewrite["proposal"] == {"class_path": "GradientProposalSpec", "init_args": {"tau": 0.5}}
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump({"method": rewrite}))
+    assert load_method_config(new).method.proposal.tau == 0.5  # the rewrite loads
+    with pytest.raises(ValueError, match="(?s)gradient_tau.*GradientProposalSpec"):
+        load_method_config(None, ["--method.gradient_tau", "0.5"])
+    old.write_text("method:\n  name: x\n  potential: none\n  proposal: base\n")
+    with pytest.raises(ValueError, match="potential: none, proposal: base is the old"):
+        load_method_config(old)
+
+
+def test_the_registry_names_the_valid_choices():
+    with pytest.raises(ValueError, match=r"\['amortized', 'gradient'\]"):
+        Method(potential="tilt", proposal="gradients")
+    assert Method(potential="tilt", proposal="amortized").proposal == DenoiserProposalSpec()

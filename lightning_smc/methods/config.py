@@ -18,7 +18,7 @@ from typing import Any
 
 from ..rewards import BaseReward
 from .method import Method
-from .specs import SPECS
+from .specs import SPECS, PotentialSpec
 
 __all__ = ["LEGACY_KEYS", "MethodConfig", "load_method_config", "method_parser", "rewrite_legacy"]
 
@@ -90,10 +90,12 @@ def rewrite_legacy(method: dict[str, Any]) -> dict[str, Any] | None:
     if not old_keys and not old_names:
         return None
     new = {k: v for k, v in method.items() if k not in LEGACY_KEYS and k not in old_names}
-    for role, value in roles.items():
-        if isinstance(value, str) and value in SPECS:
-            args = {f: method[k] for k, (n, f) in LEGACY_KEYS.items() if n == value and k in method}
-            new[role] = {"class_path": SPECS[value].__name__, "init_args": args}
+    named = {v for v in roles.values() if isinstance(v, str) and v in SPECS}
+    for name in named | {LEGACY_KEYS[k][0] for k in old_keys}:  # a spec named or implied
+        spec = SPECS[name]
+        role = "potential" if issubclass(spec, PotentialSpec) else "proposal"
+        args = {f: method[k] for k, (n, f) in LEGACY_KEYS.items() if n == name and k in method}
+        new[role] = {"class_path": spec.__name__, "init_args": args}
     return new
 
 
