@@ -201,7 +201,8 @@ def _sample_positions(output: Tensor, count: int = 8) -> Tensor:
     R, L = output.shape[0], output.shape[1]
     rows = sorted({0, R - 1})
     positions = sorted({round(i * (L - 1) / max(count - 1, 1)) for i in range(min(count, L))})
-    return output[rows][:, positions].reshape(-1, output.shape[-1]).to(torch.float64)
+    at = torch.tensor(rows, device=output.device).unsqueeze(1), torch.tensor(positions)
+    return output[at[0], at[1].to(output.device)].reshape(-1, output.shape[-1]).double()
 
 
 def check_denoiser_output(denoiser: Any, output: Any, x_t: Tensor) -> None:
