@@ -238,6 +238,21 @@ def seeded_by_rank() -> str:
     )
 
 
+def huge_reward_on_rank_one() -> str:
+    """r / alpha overflows on rank 1's rows only: every rank must raise (none may hang)."""
+    rank = dist.get_rank()
+
+    def reward(x):
+        return torch.full((x.shape[0],), 1e308 if rank == 1 else 0.0, dtype=torch.float64)
+
+    return expect_error(
+        num_particles=4,
+        layout="sharded",
+        potential=ls.RewardTilt(reward, alpha=0.1),
+        sample=dict(generator=torch.Generator().manual_seed(0)),
+    )
+
+
 class _WrongSlotOrder(ls.ParticleShards):
     """Broken on purpose: the all-gathered increments laid out rank-major (``[W, B, n]`` read as
     ``[B, N]``), so weights land on the wrong particles."""
@@ -447,6 +462,13 @@ def test_clear_errors(ranks):
     assert all("record_path" in m for m in messages), messages
     messages = ranks.run(seeded_by_rank)
     assert all("same generator" in m for m in messages), messages
+
+
+@pytest.mark.timeout(60)
+def test_a_non_finite_weight_on_one_rank_stops_every_rank(ranks):
+    rank0, rank1 = ranks.run(huge_reward_on_rank_one)
+    assert "log-weight became" in rank0 and "log-weight became" in rank1, (rank0, rank1)
+    assert "twist" in rank1 and "another rank" in rank0, (rank0, rank1)
 
 
 # --------------------------------------------------------------------------- benchmark
