@@ -24,8 +24,8 @@ import torch
 from lightning_smc import SMCSampler
 from lightning_smc.diffusion import get_schedule
 from lightning_smc.models import MDLMConfig, MDLMDenoiser
+from lightning_smc.models.loading import EMBEDDED
 from lightning_smc.modules import masked_diffusion_loss
-from lightning_smc.sample import EMBEDDED
 
 
 def load_model(checkpoint: str | None, quick: bool) -> MDLMDenoiser:

@@ -255,14 +255,26 @@ def test_mask_text_in_corpus_never_becomes_mask(tmp_path):
 
 
 def test_check_compatible(dm):
-    dm.check_compatible(model_vocab_size=dm.vocab_size, model_max_len=64)
-    dm.check_compatible(model_vocab_size=dm.vocab_size + 8)  # padded embeddings are fine
+    dm.check_compatible(vocab_size=dm.vocab_size, mask_id=dm.mask_id, max_len=64)
+    dm.check_compatible(vocab_size=dm.vocab_size + 8)  # padded embeddings are fine
     with pytest.raises(ValueError, match="seq_len=64"):
-        dm.check_compatible(model_vocab_size=dm.vocab_size, model_max_len=32)
+        dm.check_compatible(vocab_size=dm.vocab_size, max_len=32)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        dm.check_compatible(model_vocab_size=dm.vocab_size - 1)
+        dm.check_compatible(vocab_size=dm.vocab_size - 1)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        dm.check_compatible(model_vocab_size=dm.vocab_size, model_mask_id=0)
+        dm.check_compatible(vocab_size=dm.vocab_size, mask_id=0)
+
+
+def test_data_modules_share_one_base():
+    """Tokenizer properties, loaders and the vocabulary check are defined once, in the base."""
+    from lightning_smc.data import RewardDataModule, TokenizedDataModule
+
+    shared = ("spec", "tokenizer", "vocab_size", "mask_id", "_require", "check_compatible",
+              "train_dataloader", "val_dataloader", "_documents")  # fmt: skip
+    for cls in (TextDataModule, RewardDataModule):
+        assert issubclass(cls, TokenizedDataModule)
+        for name in shared:
+            assert name not in vars(cls), f"{cls.__name__} redefines {name}"
 
 
 @pytest.mark.parametrize(

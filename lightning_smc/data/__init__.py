@@ -3,7 +3,10 @@
 ``corpora``  raw documents: ``"shakespeare"``, ``"fortunes"``, ``"hf:NAME[:CONFIG]"``, paths
 ``tokenizer`` byte-level BPE training (mask = last id) and loading of local HF tokenizers
 ``packing``  document-level train/val split and EOS-joined packing into ``seq_len`` rows
-``text``     ``TextDataModule`` wiring the three for Lightning
+``base``     ``TokenizedDataModule``: the tokenizer properties, loaders and vocabulary check
+             that the data modules share
+``text``     ``TextDataModule``: packed rows for pretraining a denoiser
+``reward``   ``RewardDataModule``: rows labelled by a text scorer, for a ``LearnedReward``
 
 Example::
 
@@ -27,8 +30,10 @@ from ..models.tokenizer import (
     train_bpe,
     wrap_bpe,
 )
+from .base import TokenizedDataModule
 from .corpora import CORPORA, HFDocuments, clean_text, load_corpus, strip_gutenberg
 from .packing import PackedSequences, pack, split_indices
+from .reward import LabelledChunks, RewardDataModule
 from .text import TextDataModule
 
 __all__ = [
@@ -36,11 +41,14 @@ __all__ = [
     "EOS_ID",
     "EOS_TOKEN",
     "HFDocuments",
+    "LabelledChunks",
     "MASK_TOKEN",
     "PAD_ID",
     "PAD_TOKEN",
     "PackedSequences",
+    "RewardDataModule",
     "TextDataModule",
+    "TokenizedDataModule",
     "TokenizerSpec",
     "clean_text",
     "encode_documents",
@@ -54,8 +62,3 @@ __all__ = [
     "train_bpe",
     "wrap_bpe",
 ]
-
-# Learned-reward data (issue 4): corpus chunks labelled by a text scorer.
-from .reward import LabelledChunks, RewardDataModule  # noqa: E402
-
-__all__ += ["LabelledChunks", "RewardDataModule"]

@@ -27,21 +27,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..models.tokenizer import TokenizerSpec, encode_documents, eos_id
+from ..models.tokenizer import TokenizerSpec, encode_documents
 from ..rewards.text import TextReward, VaderSentiment, resolve_tokenizer
-from .corpora import load_corpus
-from .packing import (
-    EpochShuffleSampler,
-    ResumableDataLoader,
-    pack,
-    split_indices,
-    token_dtype,
-)
+from .base import TokenizedDataModule
+from .packing import pack, token_dtype
 
 __all__ = ["LabelledChunks", "RewardDataModule"]
 
@@ -64,7 +57,7 @@ class LabelledChunks(Dataset):
         }
 
 
-class RewardDataModule(L.LightningDataModule):
+class RewardDataModule(TokenizedDataModule):
     """Chunks of a corpus in the base model's tokens, labelled by a text scorer.
 
     Args:
@@ -82,6 +75,8 @@ class RewardDataModule(L.LightningDataModule):
         cache_dir: where labels are cached (``None``: no cache).
     """
 
+    consumer = "reward"  # its embedding table must match the tokenizer exactly
+
     def __init__(
         self,
         corpus: str = "shakespeare",
@@ -95,50 +90,17 @@ class RewardDataModule(L.LightningDataModule):
         max_documents: int | None = None,
         cache_dir: str | None = "outputs/reward_labels",
     ) -> None:
-        super().__init__()
-        checks = [
-            (seq_len >= 2, f"seq_len={seq_len} must be >= 2"),
-            (batch_size >= 1, f"batch_size={batch_size} must be >= 1"),
-            (0.0 < val_fraction < 1.0, f"val_fraction={val_fraction} must lie in (0, 1)"),
-            (num_workers >= 0, f"num_workers={num_workers} must be >= 0"),
-            (
-                max_documents is None or max_documents >= 2,
-                f"max_documents={max_documents} must be None or >= 2 (one train, one val)",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        super().__init__(
+            corpus, tokenizer, seq_len, batch_size, val_fraction, seed, num_workers, max_documents
+        )
         self.save_hyperparameters(ignore=["scorer"])
-        self.corpus, self.tokenizer_name = corpus, tokenizer
         self.scorer = scorer
-        self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
-        self.seed, self.num_workers, self.max_documents = seed, num_workers, max_documents
         self.cache_dir = cache_dir
-        self._spec: TokenizerSpec | None = None
-        self.train_set: LabelledChunks | None = None
-        self.val_set: LabelledChunks | None = None
 
     # ---- tokenizer and scorer -------------------------------------------------------------
-    @property
-    def spec(self) -> TokenizerSpec:
-        """``(tokenizer, vocab_size, mask_id, pad_id)`` of the base model."""
-        if self._spec is None:
-            self._spec = resolve_tokenizer(self.tokenizer_name)
-        return self._spec
-
-    @property
-    def tokenizer(self):
-        return self.spec.tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """Ids of the base model's vocabulary, mask included: the reward's ``vocab_size``."""
-        return self.spec.vocab_size
-
-    @property
-    def mask_id(self) -> int:
-        return self.spec.mask_id
+    def _load_spec(self) -> TokenizerSpec:
+        """The base model's tokenizer (``"embedded"``, a directory, a spec or an object)."""
+        return resolve_tokenizer(self.tokenizer_name)
 
     def _scorer(self):
         if self.scorer is None:
@@ -159,15 +121,16 @@ class RewardDataModule(L.LightningDataModule):
         scorer = self._scorer()
         cache = self._cache_path(scorer)
         if cache is not None and cache.is_file():
-            arrays = np.load(cache)
-            self.train_set = LabelledChunks(arrays["train_rows"], arrays["train_scores"])
-            self.val_set = LabelledChunks(arrays["val_rows"], arrays["val_scores"])
-        else:
-            documents = load_corpus(self.corpus, self.max_documents)
             try:
-                train_idx, val_idx = split_indices(len(documents), self.val_fraction, self.seed)
-            except ValueError as err:
-                raise ValueError(f"corpus={self.corpus!r}: {err}") from None
+                with np.load(cache) as arrays:  # arrays only: never unpickles
+                    self.train_set = LabelledChunks(arrays["train_rows"], arrays["train_scores"])
+                    self.val_set = LabelledChunks(arrays["val_rows"], arrays["val_scores"])
+            except Exception as err:  # truncated, corrupted, or a missing array
+                raise ValueError(
+                    f"label cache {cache} is unreadable ({err}); delete it to relabel"
+                ) from None
+        else:
+            documents, train_idx, val_idx = self._documents()
             self.train_set = self._label(documents, train_idx, "train", scorer)
             self.val_set = self._label(documents, val_idx, "val", scorer)
             if cache is not None:
@@ -181,17 +144,12 @@ class RewardDataModule(L.LightningDataModule):
                     val_scores=self.val_set.scores,
                 )
                 tmp.replace(cache)
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"corpus={self.corpus!r} gives {len(self.train_set)} training rows of "
-                f"seq_len={self.seq_len}, fewer than batch_size={self.batch_size}: use a larger "
-                "corpus or max_documents, or a smaller batch_size or seq_len"
-            )
+        self._check_train_rows()
 
     def _label(self, documents: Sequence[str], indices: list[int], name: str, scorer):
         texts = [documents[i] for i in indices]
         ids = encode_documents(self.tokenizer, texts)
-        rows = pack(ids, eos_id(self.tokenizer), self.seq_len, dtype=token_dtype(self.vocab_size))
+        rows = pack(ids, self.eos_id, self.seq_len, dtype=token_dtype(self.vocab_size))
         if len(rows) == 0:
             raise ValueError(
                 f"corpus={self.corpus!r}: the {name} split ({len(indices)} documents) has fewer "
@@ -242,42 +200,3 @@ class RewardDataModule(L.LightningDataModule):
     @property
     def val_scores(self) -> np.ndarray:
         return self._require(self.val_set).scores
-
-    def train_dataloader(self) -> DataLoader:
-        """Full batches in a ``(seed, epoch)``-seeded order, resumable mid-epoch (the same loader
-        as the pretraining data, ``packing.ResumableDataLoader``)."""
-        dataset = self._require(self.train_set)
-        return ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(dataset, seed=self.seed),
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Every validation row, in order."""
-        return DataLoader(
-            self._require(self.val_set),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @staticmethod
-    def _require(dataset: LabelledChunks | None) -> LabelledChunks:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for data")
-        return dataset
-
-    def check_compatible(self, vocab_size: int, mask_id: int | None = None) -> None:
-        """Raise ``ValueError`` unless a reward with this vocabulary can read these tokens."""
-        if vocab_size != self.vocab_size or (mask_id is not None and mask_id != self.mask_id):
-            raise ValueError(
-                f"reward vocabulary mismatch: the tokenizer {self.tokenizer_name!r} has "
-                f"{self.vocab_size} ids (mask_id={self.mask_id}) but the reward was built with "
-                f"vocab_size={vocab_size} (mask_id={mask_id}); set the reward's vocab_size to "
-                "the base model's"
-            )

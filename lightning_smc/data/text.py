@@ -19,7 +19,7 @@ Example::
     dm = TextDataModule("shakespeare", vocab_size=4096, seq_len=256, batch_size=32)
     dm.setup()
     model = MDLM(vocab_size=dm.vocab_size, mask_id=dm.mask_id, ...)
-    dm.check_compatible(model_vocab_size=model.vocab_size, model_max_len=1024)
+    dm.check_compatible(vocab_size=model.vocab_size, mask_id=model.mask_id, max_len=1024)
     batch = next(iter(dm.train_dataloader()))      # batch["input_ids"]: [32, 256]
 """
 
@@ -31,33 +31,23 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import lightning as L
-from torch.utils.data import DataLoader
-
+from ..models.loading import read_json
 from ..models.tokenizer import (
     MIN_VOCAB_SIZE,
     TokenizerSpec,
     encode_documents,
-    eos_id,
     load_tokenizer,
     save_tokenizer,
     train_bpe,
 )
-from .corpora import load_corpus
-from .packing import (
-    EpochShuffleSampler,
-    PackedSequences,
-    ResumableDataLoader,
-    pack,
-    split_indices,
-    token_dtype,
-)
+from .base import TokenizedDataModule
+from .packing import PackedSequences, pack, token_dtype
 
 META_FILE = "lightning_smc_tokenizer.json"  # what a trained tokenizer was trained on
 ENCODE_CHUNK = 2048  # documents per encode call: bounded memory on OpenWebText-sized corpora
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(TokenizedDataModule):
     """Packed text for masked-diffusion language modelling.
 
     Args:
@@ -77,6 +67,8 @@ class TextDataModule(L.LightningDataModule):
             ``outputs/tokenizers/<corpus>-v<vocab_size>-<hash of the split settings>``.
     """
 
+    padded_vocab_ok = True  # a denoiser's logits may cover padding ids beyond the tokenizer's
+
     def __init__(
         self,
         corpus: str = "shakespeare",
@@ -90,18 +82,16 @@ class TextDataModule(L.LightningDataModule):
         max_documents: int | None = None,
         tokenizer_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        _check_args(vocab_size, seq_len, batch_size, val_fraction, num_workers, max_documents)
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size={vocab_size} must be >= {MIN_VOCAB_SIZE}")
+        super().__init__(
+            corpus, tokenizer, seq_len, batch_size, val_fraction, seed, num_workers, max_documents
+        )
         if tokenizer is None and tokenizer_dir is None:
             tokenizer_dir = str(default_tokenizer_dir(self._meta_of(locals())))
         self.save_hyperparameters()
-        self.corpus, self.tokenizer_name, self.tokenizer_dir = corpus, tokenizer, tokenizer_dir
-        self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
-        self.seed, self.num_workers, self.max_documents = seed, num_workers, max_documents
+        self.tokenizer_dir = tokenizer_dir
         self.requested_vocab_size = vocab_size
-        self._spec: TokenizerSpec | None = None
-        self.train_set: PackedSequences | None = None
-        self.val_set: PackedSequences | None = None
 
     # ---- tokenizer --------------------------------------------------------------------
     @staticmethod
@@ -113,14 +103,6 @@ class TextDataModule(L.LightningDataModule):
     def meta(self) -> dict:
         """The settings a trained tokenizer depends on (it is fitted on the train split)."""
         return self._meta_of(dict(self.hparams))
-
-    def _documents(self) -> tuple[Sequence[str], list[int], list[int]]:
-        documents = load_corpus(self.corpus, self.max_documents)
-        try:
-            train_idx, val_idx = split_indices(len(documents), self.val_fraction, self.seed)
-        except ValueError as err:
-            raise ValueError(f"corpus={self.corpus!r}: {err}") from None
-        return documents, train_idx, val_idx
 
     def prepare_data(self) -> None:
         """Train the BPE on the train documents and save it, unless ``tokenizer_dir`` has it."""
@@ -137,42 +119,20 @@ class TextDataModule(L.LightningDataModule):
 
     def _check_meta(self, directory: Path) -> None:
         path = directory / META_FILE
-        saved = json.loads(path.read_text()) if path.exists() else self.meta
+        saved = read_json(path, "the trained BPE's settings") if path.exists() else self.meta
         if saved != self.meta:
             raise ValueError(
                 f"tokenizer_dir={str(directory)!r} holds a BPE trained for {saved}, not "
                 f"{self.meta}: pass another tokenizer_dir (or None), or delete that directory"
             )
 
-    @property
-    def spec(self) -> TokenizerSpec:
-        """``(tokenizer, vocab_size, mask_id, pad_id)``, loaded (or trained) on first use."""
-        if self._spec is None:
-            self.prepare_data()
-            self._spec = load_tokenizer(self.tokenizer_name or self.tokenizer_dir)
-        return self._spec
+    def _load_spec(self) -> TokenizerSpec:
+        """The given tokenizer, or the BPE trained (once) into ``tokenizer_dir``."""
+        self.prepare_data()
+        return load_tokenizer(self.tokenizer_name or self.tokenizer_dir)
 
-    @property
-    def tokenizer(self):
-        return self.spec.tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """Ids the model's logits must cover, ``mask_id`` included."""
-        return self.spec.vocab_size
-
-    @property
-    def mask_id(self) -> int:
-        return self.spec.mask_id
-
-    @property
-    def pad_id(self) -> int:
-        return self.spec.pad_id
-
-    @property
-    def eos_id(self) -> int:
-        """The separator packed between documents."""
-        return eos_id(self.tokenizer)
+    def _tokenizer_label(self) -> str:
+        return repr(str(self.tokenizer_name or self.tokenizer_dir))
 
     # ---- data -------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -182,12 +142,7 @@ class TextDataModule(L.LightningDataModule):
         documents, train_idx, val_idx = self._documents()
         self.train_set = self._pack_split(documents, train_idx, "train")
         self.val_set = self._pack_split(documents, val_idx, "val")
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"corpus={self.corpus!r} packs into {len(self.train_set)} training rows of "
-                f"seq_len={self.seq_len}, fewer than batch_size={self.batch_size}: use a larger "
-                "corpus or max_documents, or a smaller batch_size or seq_len"
-            )
+        self._check_train_rows()
 
     def _pack_split(self, documents: Sequence[str], indices: list[int], name: str):
         spec = self.spec
@@ -205,58 +160,6 @@ class TextDataModule(L.LightningDataModule):
                 "max_documents or val_fraction, or lower seq_len"
             )
         return PackedSequences(rows)
-
-    def train_dataloader(self) -> DataLoader:
-        """Full batches in a ``(seed, epoch)``-seeded order, resumable mid-epoch."""
-        dataset = self._require(self.train_set)
-        return ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(dataset, seed=self.seed),
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Every validation row, in order."""
-        return DataLoader(
-            self._require(self.val_set),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @staticmethod
-    def _require(dataset: PackedSequences | None) -> PackedSequences:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return dataset
-
-    def check_compatible(
-        self,
-        model_vocab_size: int,
-        model_max_len: int | None = None,
-        model_mask_id: int | None = None,
-    ) -> None:
-        """Raise ``ValueError`` unless a model with these sizes can consume this data."""
-        if model_max_len is not None and self.seq_len > model_max_len:
-            raise ValueError(
-                f"seq_len={self.seq_len} exceeds the model's {model_max_len} positions: "
-                f"set seq_len <= {model_max_len}"
-            )
-        if model_vocab_size < self.vocab_size:
-            raise ValueError(
-                f"tokenizer vocabulary mismatch: the tokenizer uses {self.vocab_size} ids "
-                f"(mask_id={self.mask_id}) but the model's logits cover {model_vocab_size}; "
-                "build the model with vocab_size=datamodule.vocab_size or use its tokenizer"
-            )
-        if model_mask_id is not None and model_mask_id != self.mask_id:
-            raise ValueError(
-                f"tokenizer vocabulary mismatch: model mask_id={model_mask_id}, tokenizer "
-                f"mask_id={self.mask_id}"
-            )
 
 
 def default_tokenizer_dir(meta: dict) -> Path:
@@ -278,20 +181,3 @@ def _encode(tokenizer, documents: Sequence[str], indices: list[int]) -> Iterator
     for start in range(0, len(indices), ENCODE_CHUNK):
         chunk = list(_iter_docs(documents, indices[start : start + ENCODE_CHUNK]))
         yield from encode_documents(tokenizer, chunk)
-
-
-def _check_args(vocab_size, seq_len, batch_size, val_fraction, num_workers, max_documents):
-    checks = [
-        (vocab_size >= MIN_VOCAB_SIZE, f"vocab_size={vocab_size} must be >= {MIN_VOCAB_SIZE}"),
-        (seq_len >= 2, f"seq_len={seq_len} must be >= 2"),
-        (batch_size >= 1, f"batch_size={batch_size} must be >= 1"),
-        (0.0 < val_fraction < 1.0, f"val_fraction={val_fraction} must lie in (0, 1)"),
-        (num_workers >= 0, f"num_workers={num_workers} must be >= 0"),
-        (
-            max_documents is None or max_documents >= 2,
-            f"max_documents={max_documents} must be None or >= 2 (one train, one val document)",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)

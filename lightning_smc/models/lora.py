@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .loading import read_checkpoint, read_json, read_safetensors
+
 __all__ = ["LoRADenoiser", "weights_fingerprint"]
 
 ADAPTER_META = "lsmc_adapter.json"
@@ -159,7 +161,20 @@ class LoRADenoiser(nn.Module):
                 f"{directory} has no {ADAPTER_META}; it was not saved by LoRADenoiser.save_adapter, "
                 "so its base model cannot be checked"
             )
-        meta = json.loads(meta_path.read_text())
+        # Read (and check) every file here, so that a damaged one is named, not reported by peft.
+        read_json(directory / "adapter_config.json", "the peft LoRA config")
+        meta = read_json(meta_path, "the adapter's base model record (LoRADenoiser.save_adapter)")
+        lacking = [f for f in ("vocab_size", "mask_id", "base_fingerprint") if f not in meta]
+        if lacking:
+            raise ValueError(f"{meta_path} lacks the field(s) {lacking}")
+        if (directory / "adapter_model.safetensors").is_file():
+            read_safetensors(directory / "adapter_model.safetensors")
+        elif (directory / "adapter_model.bin").is_file():
+            read_checkpoint(directory / "adapter_model.bin")
+        else:
+            raise FileNotFoundError(
+                f"{directory} has no adapter weights (adapter_model.safetensors or .bin)"
+            )
         for field, value in (("vocab_size", base.vocab_size), ("mask_id", base.mask_id)):
             if meta[field] != value:
                 raise ValueError(
@@ -173,5 +188,11 @@ class LoRADenoiser(nn.Module):
                 f"{meta['base_fingerprint']}, this base {fingerprint}, class {type(base).__name__}); "
                 "load it onto the checkpoint it was trained on"
             )
-        model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+        try:
+            model = PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:  # fields peft cannot use
+            raise ValueError(
+                f"adapter {directory}: peft cannot load it onto {type(base).__name__} "
+                f"(adapter_config.json or the weights do not fit the base): {err}"
+            ) from None
         return cls(base, _peft_model=model, _fingerprint=fingerprint)

@@ -40,8 +40,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diffusion.schedules import LogLinearSchedule
+from .loading import read_checkpoint, read_json, read_safetensors
 
 __all__ = ["MDLMConfig", "MDLMDenoiser"]
+
+#: ``config.json`` fields that fix the shapes of the weights (the rest have mdlm-owt defaults)
+REQUIRED_CONFIG_FIELDS = (
+    "vocab_size",
+    "model_length",
+    "hidden_dim",
+    "cond_dim",
+    "n_blocks",
+    "n_heads",
+)
 
 
 @dataclass
@@ -296,11 +307,20 @@ class MDLMDenoiser(nn.Module):
         ``model.safetensors`` or else ``pytorch_model.bin``; keys must match exactly.
         """
         directory = _resolve_checkpoint(path)
-        config = MDLMConfig.from_dict(
-            json.loads((directory / "config.json").read_text()), **overrides
-        )
-        model = cls(config)
-        model.load_checkpoint(_read_weights(directory), source=str(directory))
+        config_path = directory / "config.json"
+        fields = read_json(config_path, "the MDLM config (mdlm-owt format)")
+        missing = [f for f in REQUIRED_CONFIG_FIELDS if f not in fields and f not in overrides]
+        if missing:
+            raise ValueError(f"{config_path} lacks the MDLM config field(s) {missing}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MDLMConfig)})
+        if unknown:  # the caller's mistake, not the file's
+            MDLMConfig.from_dict(fields, **overrides)
+        try:
+            model = cls(MDLMConfig.from_dict(fields, **overrides))
+        except (TypeError, ValueError) as err:  # a field of the wrong type or value
+            raise ValueError(f"{config_path} is not a valid MDLM config: {err}") from None
+        weights, source = _read_weights(directory)
+        model.load_checkpoint(weights, source=str(source))
         return model.eval()
 
     def load_checkpoint(self, state: dict[str, Tensor], source: str = "state dict") -> None:
@@ -338,11 +358,14 @@ def _resolve_checkpoint(path: str | Path) -> Path:
         ) from err
 
 
-def _read_weights(directory: Path) -> dict[str, Tensor]:
+def _read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
+    """The state dict of ``directory`` and the file it came from."""
     if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(directory / "model.safetensors"))
+        return read_safetensors(directory / "model.safetensors"), directory / "model.safetensors"
     if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        path = directory / "pytorch_model.bin"
+        state = read_checkpoint(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        return state, path
     raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")

@@ -108,9 +108,9 @@ class MDLMPretraining(pl.LightningModule):
         if callable(check):
             config = getattr(self.denoiser, "config", None)
             check(
-                model_vocab_size=self.denoiser.vocab_size,
-                model_max_len=getattr(config, "model_length", None),
-                model_mask_id=self.denoiser.mask_id,
+                vocab_size=self.denoiser.vocab_size,
+                mask_id=self.denoiser.mask_id,
+                max_len=getattr(config, "model_length", None),
             )
 
     def _generator(self, stage: int) -> torch.Generator:

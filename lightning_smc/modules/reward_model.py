@@ -11,7 +11,8 @@ score each (e.g. VADER compound). The loss is
 Validation logs ``val/mse`` (output vs score), ``val/pearson`` and ``val/spearman`` (torchmetrics)
 between the reward and the scorer. At the end of ``fit`` the reward is written in Hugging Face
 layout (``LearnedReward.save_pretrained``, with the data module's tokenizer) to ``export_dir``,
-default ``<trainer.default_root_dir>/reward``; ``LearnedReward.from_pretrained`` loads it::
+default ``<trainer.default_root_dir>/reward`` (not after a fit with no optimizer step);
+``LearnedReward.from_pretrained`` loads it::
 
     python -m lightning_smc.fit --config configs/reward/sentiment_tiny.yaml
     reward = LearnedReward.from_pretrained("outputs/sentiment_reward_tiny/reward")
@@ -26,6 +27,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanSquaredError, PearsonCorrCoef, SpearmanCorrCoef
 
@@ -174,8 +176,15 @@ class RewardModelModule(pl.LightningModule):
         return Path(self.trainer.default_root_dir) / "reward"
 
     def on_fit_end(self) -> None:
-        """Save the trained reward (eval mode, with the data module's tokenizer) in HF layout."""
+        """Save the trained reward (eval mode, with the data module's tokenizer) in HF layout;
+        nothing when no optimizer step was taken (the weights would be the random init)."""
         if not self.trainer.is_global_zero:
+            return
+        if self.trainer.global_step == 0:
+            rank_zero_warn(
+                f"fit took no optimizer step (global_step=0): the reward is untrained, so "
+                f"nothing is exported to {self.export_path()}"
+            )
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)

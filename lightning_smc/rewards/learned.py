@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.loading import EMBEDDED_REWARD, read_json, read_safetensors
 from .base import BaseReward, check_reward_output
 
 __all__ = [
@@ -49,8 +50,12 @@ __all__ = [
     "PretrainedLearnedReward",
 ]
 
-EMBEDDED_SENTIMENT_REWARD = Path(__file__).resolve().parents[1] / "assets" / "sentiment_reward_tiny"
+EMBEDDED_SENTIMENT_REWARD = EMBEDDED_REWARD
 """The embedded learned sentiment reward (imitates VADER on the embedded MDLM's vocabulary)."""
+#: ``config.json`` fields that fix the shapes of the weights and the meaning of the output
+REQUIRED_CONFIG_FIELDS = (
+    "vocab_size", "embed_dim", "hidden_dim", "n_layers", "kernel_size", "pooling", "activation"
+)  # fmt: skip
 
 MODEL_TYPE = "lightning_smc_learned_reward"
 ACTIVATIONS = ("tanh", "linear", "log_sigmoid")
@@ -284,18 +289,26 @@ class LearnedReward(nn.Module, BaseReward):
     @classmethod
     def from_pretrained(cls, path: str | Path = "embedded") -> LearnedReward:
         """Load a ``save_pretrained`` directory (``"embedded"``: the shipped sentiment reward)."""
-        from safetensors.torch import load_file
-
-        directory = EMBEDDED_SENTIMENT_REWARD if str(path) == "embedded" else Path(path)
+        directory = EMBEDDED_REWARD if str(path) == "embedded" else Path(path)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         if not config_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(
                 f"LearnedReward.from_pretrained({str(path)!r}): {directory} must hold "
                 "config.json and model.safetensors (written by LearnedReward.save_pretrained)"
             )
-        model = cls(LearnedRewardConfig.from_dict(json.loads(config_path.read_text())))
-        state = load_file(str(weights_path))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        fields = read_json(config_path, "the LearnedReward config")
+        lacking = [f for f in REQUIRED_CONFIG_FIELDS if f not in fields]
+        if lacking:
+            raise ValueError(f"{config_path} lacks the LearnedReward config field(s) {lacking}")
+        try:
+            model = cls(LearnedRewardConfig.from_dict(fields))
+        except (TypeError, ValueError) as err:  # a field of the wrong type or value
+            raise ValueError(f"{config_path} is not a valid LearnedReward config: {err}") from None
+        state = read_safetensors(weights_path)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # size mismatches
+            raise ValueError(f"{weights_path} does not fit its config.json: {err}") from None
         if missing or unexpected:
             raise ValueError(
                 f"{weights_path} does not match its config.json: missing {sorted(missing)}, "

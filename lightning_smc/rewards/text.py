@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.loading import EMBEDDED, resolve_checkpoint
 from .base import BaseReward, check_reward_output
 
 __all__ = [
@@ -65,7 +66,7 @@ __all__ = [
     "resolve_tokenizer",
 ]
 
-EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "mdlm_tiny"
+EMBEDDED_MODEL = EMBEDDED
 """The embedded base model (and tokenizer) directory; ``tokenizer="embedded"`` names it."""
 
 
@@ -77,8 +78,7 @@ def resolve_tokenizer(tokenizer: Any):
     if isinstance(tokenizer, TokenizerSpec):
         return tokenizer
     if isinstance(tokenizer, (str, Path)):
-        path = EMBEDDED_MODEL if str(tokenizer) == "embedded" else Path(tokenizer)
-        return load_tokenizer(path)
+        return load_tokenizer(resolve_checkpoint(tokenizer))
     if hasattr(tokenizer, "decode") and hasattr(tokenizer, "mask_token_id"):
         return tokenizer_spec(tokenizer)
     raise TypeError(
