@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_smc.methods import load_method_config, run_method
+from lightning_smc.evaluation import run_config
+from lightning_smc.methods import load_method_config
 from lightning_smc.metrics import GenerativePerplexity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, name, extra in runs:
         run = load_method_config(ROOT / f"configs/methods/embedded/{name}.yaml", common + extra)
         start = time.perf_counter()
-        result = run_method(run, progress_bar=True)
+        result = run_config(run, progress_bar=True)
         ppl = GenerativePerplexity()
         ppl.update(result.texts)
         summary = result.summary(run.reward.success_threshold)
