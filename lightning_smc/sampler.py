@@ -56,7 +56,6 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -74,7 +73,14 @@ from .sampling.context import Scratch, StepContext, expand_rows, outputs_log_pro
 from .sampling.layouts import LocalParticles, get_layout
 from .sampling.output import SMCOutput
 from .sampling.propose import Kernel
-from .sampling.trace import PathRecorder, Trace
+from .sampling.start import (
+    RunState,
+    batch_and_device,
+    initial_state,
+    row_generators,
+    stateful_networks,
+)
+from .sampling.trace import Trace
 from .smc import RowGenerators, StepInfo, ess, get_resampling, get_strategy, log_mean_exp
 from .smc.strategies import ResampleStrategy
 
@@ -170,7 +176,7 @@ class SMCSampler:
         self.strategy = get_strategy(check_strategy(ess_threshold, resample_when))
         self.progress_bar = progress_bar
         self.cache = cache
-        self.followers = _stateful(denoiser, self.potential, proposal)
+        self.followers = stateful_networks(denoiser, self.potential, proposal)
         CachedDenoiser(denoiser, cache, followers=self.followers)  # validates the combination
         self.layout = get_layout(layout)
         self.kernel = Kernel(
@@ -202,11 +208,11 @@ class SMCSampler:
         with its twists (``out.path``, an ``SMCPath``). With sharded particles every rank calls
         this with the same arguments and gets the same full output."""
         check_sample_args(seq_len, batch_size, prompt, generator, self.denoiser.mask_id, infill)
-        B, device = self._batch_and_device(batch_size, prompt, generator, device)
+        B, device = batch_and_device(self.denoiser, batch_size, prompt, generator, device)
         check_cond(cond, B)
-        rows = self._row_generators(generator, B, device)
+        rows = row_generators(generator, B, device)
         n = self.layout.start(self.num_particles, device, record_path)  # particles held here
-        x, start = self._initial_state(seq_len, B, prompt, device, n)
+        x, start = initial_state(self.denoiser, seq_len, B, prompt, device, n)
         plans = plan_steps(self.num_steps, seq_len, start, self.block_length)
         return self._run(x, plans, expand_rows(cond, n), rows, record_path)
 
@@ -226,7 +232,7 @@ class SMCSampler:
             self.denoiser, self.cache, normalize=not self.kernel.rows_only, followers=self.followers
         )
         network.reorder_state(torch.arange(B, device=x.device).repeat_interleave(n))
-        run = _Run.start(x, B, self.num_particles, T, record_path)
+        run = RunState.start(x, B, self.num_particles, T, record_path)
         run.guard = WeightGuard(self.layout, self.potential, self.proposal)
         scratch, generated = Scratch(), x == self.denoiser.mask_id
         for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
@@ -257,7 +263,7 @@ class SMCSampler:
             out.path = run.path.finish(run.twist)
         return out
 
-    def _block_finished(self, run: _Run, plan: StepPlan) -> bool:
+    def _block_finished(self, run: RunState, plan: StepPlan) -> bool:
         """A policy that may finish a block early (``threshold``) left nothing to do in it."""
         if not self.policy.may_finish_early or self.layout.any(self._block_open(run.x, plan)):
             return False
@@ -265,7 +271,7 @@ class SMCSampler:
         run.trace.ess[:, plan.step - 1 :] = ess(run.log_w).unsqueeze(1)
         return True  # (the path records no transition: x does not move)
 
-    def _reweigh(self, run: _Run, twist: Tensor | None, term: str = "twist") -> None:
+    def _reweigh(self, run: RunState, twist: Tensor | None, term: str = "twist") -> None:
         """``log_w += log gamma(x) - log gamma_prev`` for a new twist (``None``: no twist)."""
         if twist is not None:
             increment = twist - run.twist
@@ -277,7 +283,7 @@ class SMCSampler:
 
     def _maybe_resample(
         self,
-        run: _Run,
+        run: RunState,
         ctx: StepContext,
         base_lp: Tensor,
         network: CachedDenoiser,
@@ -347,92 +353,3 @@ class SMCSampler:
     # ------------------------------------------------------------------ setup
     def _block_open(self, x: Tensor, plan: StepPlan) -> bool:
         return bool((x[:, plan.block_start : plan.block_end] == self.denoiser.mask_id).any())
-
-    def _batch_and_device(self, batch_size, prompt, generator, device):
-        B = batch_size
-        if prompt is not None:
-            if prompt.dim() != 2:
-                raise ValueError(
-                    f"prompt must be a LongTensor [batch, prompt_len], got shape {tuple(prompt.shape)}"
-                )
-            if B is not None and prompt.shape[0] != B:
-                raise ValueError(f"batch_size={B} but prompt has {prompt.shape[0]} rows")
-            B = prompt.shape[0]
-        if B is None:
-            B = len(generator) if isinstance(generator, Sequence) else 1
-        if B < 1:
-            raise ValueError(f"batch_size must be >= 1, got {B}")
-        if device is None:
-            device = prompt.device if prompt is not None else _module_device(self.denoiser)
-        return B, torch.device(device)
-
-    def _row_generators(self, generator, B: int, device) -> RowGenerators:
-        if isinstance(generator, Sequence):
-            if len(generator) != B:
-                raise ValueError(
-                    f"got {len(generator)} generators for {B} prompts; pass one per prompt or a single one"
-                )
-            return RowGenerators(list(generator))
-        return RowGenerators.split(generator, B, device)
-
-    def _initial_state(
-        self, seq_len: int, B: int, prompt: Tensor | None, device, particles: int
-    ) -> tuple[Tensor, int]:
-        """Fully masked rows (prompt in front), ``particles`` rows per prompt."""
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        mask_id, V = self.denoiser.mask_id, self.denoiser.vocab_size
-        x = torch.full((B, seq_len), mask_id, dtype=torch.long, device=device)
-        start = 0
-        if prompt is not None:
-            if prompt.shape[1] >= seq_len:
-                raise ValueError(
-                    f"prompt length {prompt.shape[1]} leaves nothing to generate with seq_len={seq_len}"
-                )
-            if prompt.min() < 0 or prompt.max() >= V:
-                raise ValueError(f"prompt token ids must be in [0, vocab_size={V})")
-            x[:, : prompt.shape[1]] = prompt.to(device)
-            # Generation starts at the first free position of any prompt: masked prompt entries
-            # are generated (infilling, infill=True); blocks tile [start, seq_len).
-            start = int((x == mask_id).any(0).nonzero()[0])
-        return x.repeat_interleave(particles, dim=0), start
-
-
-@dataclass
-class _Run:
-    """The state of one run: rows ``x``, log-weights, the twist ``log gamma`` of the rows,
-    the diagnostics, the recorded path and the extra network evaluations."""
-
-    x: Tensor
-    log_w: Tensor
-    twist: Tensor
-    trace: Trace
-    path: PathRecorder | None
-    extra_evals: int = 0
-    guard: WeightGuard | None = None  # checks log_w after every increment (sampling.checks)
-
-    @classmethod
-    def start(cls, x: Tensor, B: int, N: int, T: int, record_path: bool) -> _Run:
-        trace = Trace.empty(B, N, T, x.device)
-        twist = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        return cls(x, trace.new_weights(), twist, trace, PathRecorder() if record_path else None)
-
-
-def _stateful(denoiser: Any, potential: Potential, proposal: Proposal | None) -> list[Any]:
-    """The networks of a run that keep per-row state (``reorder_state``), each once."""
-    networks = [denoiser, *potential.networks()]
-    if proposal is not None:
-        networks += list(proposal.networks())
-    found: dict[int, Any] = {}
-    for net in networks:
-        if callable(getattr(net, "reorder_state", None)):
-            found.setdefault(id(net), net)
-    return list(found.values())
-
-
-def _module_device(denoiser: Any) -> torch.device:
-    params = getattr(denoiser, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")
