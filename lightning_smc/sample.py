@@ -26,9 +26,6 @@ NaN or infinite value is an error naming the method and the metric. The exact to
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -41,7 +38,7 @@ from jsonargparse import ActionConfigFile, Namespace
 from jsonargparse.typing import Path_fr, PositiveInt
 from rich.console import Console
 
-from .metrics import SMOLLM2, unigram_entropy
+from .metrics import SMOLLM2
 from .metrics.registry import DEFAULT_METRICS
 from .models.loading import EMBEDDED, load_model
 
@@ -122,20 +119,6 @@ HINTS = {
     "--method plain|srsmc|tilt is a method config now (configs/methods/embedded/srsmc.yaml)",
     "compare": "one or more method config files: --compare A.yaml B.yaml",
 }
-#: docs of the method-config keys that their parser leaves undocumented
-RUN_HELP = {
-    "model": "the denoiser: embedded (the packaged Shakespeare MDLM), a save_pretrained folder "
-    "or a hub id in the mdlm-owt format",
-    "tokenizer": "its tokenizer (default: the one saved with the model)",
-    "reward": "the target's reward (class_path / init_args of a lightning_smc.rewards class)",
-    "holdout": "a different scorer, reported, never steered on",
-    "guide": "a differentiable reward whose gradient drives a gradient proposal",
-    "prompts": "a text file, one prompt a line (a blank line: an empty prefix); default: none",
-    "seq_len": "tokens per answer, prompt included",
-    "num_samples": "answers to draw when there is no prompt file",
-    "batch_size": "prompts per sampler call (answers do not depend on it)",
-    "seed": "prompt i is sampled with the generator seeded by derive_seed(seed, i)",
-}
 FIT_KEYS = {"trainer", "data", "optimizer", "lr_scheduler", "ckpt_path"}
 
 
@@ -185,9 +168,8 @@ def _check_config_kind(path: Path, data: dict[str, Any]) -> None:
         )
     from .methods import config as method_config
 
-    legacy = getattr(method_config, "_legacy_error", None)  # the rewrite of an old method block
-    if legacy is not None and isinstance(data.get("method"), dict):
-        err = legacy(f"--config {path}", data["method"])
+    if isinstance(data.get("method"), dict):  # the rewrite of an old method block
+        err = method_config.legacy_error(f"--config {path}", data["method"])
         if err is not None:
             raise SampleUsageError(str(err))
 
@@ -223,8 +205,8 @@ def sample_parser():
 
 
 def _document(parser) -> None:
-    """Help for the options their classes leave undocumented: the method-config keys
-    (``RUN_HELP``) and ``--method.X`` from ``SMCSampler``'s doc of ``X`` (the same role)."""
+    """Help for ``--method.X`` that ``Method``'s grouped docstring leaves undocumented: from
+    ``SMCSampler``'s doc of ``X`` (the same role, the same name)."""
     import docstring_parser
 
     from .sampler import SMCSampler
@@ -235,7 +217,7 @@ def _document(parser) -> None:
             sampler_docs[f"method.{name}"] = f"as in SMCSampler: {param.description}"
     for action in parser._actions:
         if not (action.help or "").strip() or action.help.startswith("(type"):
-            doc = RUN_HELP.get(action.dest) or sampler_docs.get(action.dest)
+            doc = sampler_docs.get(action.dest)
             if doc:
                 action.help = " ".join(doc.split())
 
@@ -310,15 +292,6 @@ def _method_config(parser, cfg: Namespace):
     for key in ("seq_len", "num_samples", "batch_size"):
         if init[key] < 1:
             raise SampleUsageError(f"{where}: --{key} must be >= 1, got {init[key]}")
-    method = init["method"]
-    if method.potential is None and method.num_particles > 1 and method.select == "weight":
-        raise SampleUsageError(
-            f"method {method.name!r}: {method.num_particles} particles without a potential all weigh "
-            "the same, so select: weight returns particle 0 at "
-            f"{method.num_particles}x the cost; use --method.select reward (best-of-N, needs a "
-            "reward), --method.num_particles 1 (the plain sampler) or a potential (e.g. "
-            "--method.potential self_reward for SR-SMC)"
-        )
     return MethodConfig(**{f.name: init[f.name] for f in fields(MethodConfig)})
 
 
@@ -354,56 +327,6 @@ def _prompts(run, options: SampleOptions, tokenizer, mask_id: int) -> list[list[
                 "continuing the prompt; remove it from the prompt text"
             )
     return prompts
-
-
-# ------------------------------------------------------------------------------- results
-def _finite(method: str, key: str, value: Any) -> Any:
-    """``value`` if every number in it is finite, else an error naming ``method`` and ``key``."""
-    values = value if isinstance(value, list) else [value]
-    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-        raise ValueError(
-            f"method {method!r}: {key} is not finite ({value}); nothing was written. Check the "
-            "method's potential settings (alpha, beta, temperature) and the reward's range"
-        )
-    return value
-
-
-def _records(name: str, result) -> list[str]:
-    """One JSON line per answer of ``result``."""
-    lines = []
-    for i, text in enumerate(result.texts):
-        record = {
-            "method": name,
-            "index": int(result.index[i]),
-            "text": text,
-            "tokens": result.tokens[i].tolist(),
-            "weights": result.weights[i].tolist(),
-            "log_normalizer": float(result.log_normalizer[i]),
-            "entropy": unigram_entropy(result.tokens[i]),
-        }
-        for key in ("reward", "holdout"):
-            values = getattr(result, key)
-            if values is not None:
-                record[key] = float(values[i])
-        for key, value in record.items():
-            _finite(name, f"{key} of answer {record['index']}", value)
-        lines.append(json.dumps(record, allow_nan=False))
-    return lines
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _print_summary(console: Console, summaries: dict, runs: int, out_dir: Path, world: int) -> None:
-    from .metrics.registry import summary_table
-
-    where = f"; {world} processes" if world > 1 else ""
-    console.print(
-        summary_table(f"{runs} method(s){where}; samples in {out_dir / 'samples.jsonl'}", summaries)
-    )
 
 
 # ---------------------------------------------------------------------------------- main
@@ -452,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 def _sample(prepared, options: SampleOptions, dist, evaluate) -> dict[str, dict[str, float]]:
+    from .evaluation.report import answer_records, summary_table, write_report
+
     console = Console()
     device = f"cuda:{dist.local_rank()}" if options.device == "cuda" else "cpu"
     summaries: dict[str, dict[str, float]] = {}
@@ -472,20 +397,15 @@ def _sample(prepared, options: SampleOptions, dist, evaluate) -> dict[str, dict[
         name = result.name if result.name not in summaries else f"{result.name} ({run.label})"
         method = config.method
         summaries[name] = {"particles": method.num_particles, "steps": method.num_steps, **summary}
-        for key, value in summary.items():
-            _finite(name, f"metric {key}", value)
-        lines += _records(name, result)
+        lines += answer_records(name, result, summary)
         if dist.is_rank_zero():
             for text in result.texts[:2]:
                 console.print(f"[dim]{name}:[/dim] {text!r}")
     if dist.is_rank_zero():
-        out_dir = Path(options.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
-        _write_atomic(
-            out_dir / "summary.json", json.dumps(summaries, indent=2, allow_nan=False) + "\n"
-        )
-        _print_summary(console, summaries, len(prepared), out_dir, dist.world_size())
+        out_dir = write_report(options.out, summaries, lines)
+        where = f"; {dist.world_size()} processes" if dist.world_size() > 1 else ""
+        title = f"{len(prepared)} method(s){where}; samples in {out_dir / 'samples.jsonl'}"
+        console.print(summary_table(title, summaries))
     return summaries
 
 

@@ -18,16 +18,17 @@ length, ``T`` steps; ``x [R, L]`` the state, ``log_w [B, N]`` float64 log-weight
    applied; the unmasking policy picks positions; tokens drawn by ``inverse_cdf`` with one
    float64 uniform each (``diffusion.categorical``) at the committed positions (``ancestral``,
    ``random``), or, for policies that rank sampled candidates (``low_confidence``,
-   ``threshold``), a candidate at every masked position;
+   ``threshold``), a candidate at every masked position; a remasking policy (ReMDM,
+   ``diffusion.remasking``) then turns some clean tokens back into masks;
 5. **weight the move**: ``log_w += sum_committed [log pi(x_s) - log q(x_s)]`` (see ``potentials``).
 
 After the last step ``log_w += log gamma_0(x_0) - log gamma_prev`` and ``log_Z += log mean
 exp(log_w)``, so ``E[Ẑ] = Z`` including the initial twist. Randomness comes from one generator
 per prompt (``smc.seeding``): the same prompt and seed give the same particles alone or in
 any batch, and on any rank. Large per-step buffers (the ``[#masked, V]`` rows drawn from)
-live in a ``context.Scratch`` reused by all steps of a run.
+live in a ``sampling.context.Scratch`` reused by all steps of a run.
 
-**Layout** (``sharding``): where the particles live. With ``layout="local"`` (default) this
+**Layout** (``sampling.layouts``): where the particles live. With ``layout="local"`` (default) this
 process holds all ``R = B * N`` rows. With ``layout="sharded"`` each of ``W`` ranks holds
 ``B * N / W`` rows while ``log_w``, ``log_Z`` and the diagnostics stay global: the loop is the
 same, and the layout's hooks (``add`` / ``settle`` the weight increments, ``follow`` the
@@ -41,8 +42,8 @@ the denoiser's first output, ``cond``'s batch) and the log-weights after every i
 NaN or ``+inf`` weight, or a prompt left with no particle of finite weight, raises
 ``WeightError`` naming the step and the term. Potentials and proposals declare what they
 need (``Potential.has_offset``, ``Potential.needs_log_probs``, ``extra_nfe``, a ``bind`` that
-is a no-op on the base classes); the sampler never inspects their methods. Denoisers that keep per-row state (a KV
-cache) define ``reorder_state(index)``; the sampler calls it on every movement of rows
+is a no-op on the base classes); the sampler never inspects their methods. Denoisers that
+keep per-row state (a KV cache) define ``reorder_state(index)``; the sampler calls it on every movement of rows
 (``sampling.cache.CachedDenoiser.reorder_state``).
 
 Example::

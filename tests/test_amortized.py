@@ -10,6 +10,7 @@ from exact import L as LEN
 from exact import enumerate_states, estimate, max_z_score, toy_joint, z_of_normalizer
 
 import lightning_smc as ls
+from lightning_smc.methods import RewardTiltSpec
 from lightning_smc.models import LoRADenoiser, MDLMDenoiser
 from lightning_smc.modules.amortized import (
     AmortizedProposalModule,
@@ -72,7 +73,13 @@ def test_disabled_adapter_gives_the_base_logits_and_enabled_differs():
 
 def test_only_adapter_and_f_psi_receive_gradients():
     module = AmortizedProposalModule(
-        small_mdlm(), reward_fn, alpha=ALPHA, seq_len=8, num_steps=4, rollouts=4, lora_rank=2
+        small_mdlm(),
+        reward_fn,
+        potential=RewardTiltSpec(alpha=ALPHA),
+        seq_len=8,
+        num_steps=4,
+        rollouts=4,
+        lora_rank=2,
     )
     perturb(module.q)
     module.loss_on(module.rollout())["loss"].backward()
@@ -197,8 +204,7 @@ def toy_module(**overrides):
     torch.manual_seed(0)
     base = ls.TinyTransformerDenoiser(6, max_len=6, d_model=32, n_layers=1)
     kwargs = dict(
-        alpha=ALPHA,
-        twist_samples=0,
+        potential=RewardTiltSpec(alpha=ALPHA, num_samples=0),
         seq_len=6,
         num_steps=6,
         rollouts=16,
@@ -279,7 +285,7 @@ def test_training_resumes_exactly(tmp_path, replay_size):
 # ---------------------------------------------------------------------------- bad input
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="alpha must be > 0"):
-        toy_module(alpha=0.0)
+        toy_module(potential=RewardTiltSpec(alpha=0.0))
     with pytest.raises(ValueError, match="needs reward"):
         AmortizedProposalModule(ls.TinyTransformerDenoiser(6, max_len=6), None)
     with pytest.raises(ValueError, match="F_psi kind"):

@@ -209,7 +209,7 @@ def test_compute_matched_budget_trades_steps_for_particles():
     )
     assert (base.num_steps, srsmc.num_steps, bon.num_steps, amot.num_steps) == (256, 64, 64, 32)
     with pytest.raises(ValueError, match="less than one step"):
-        match_budget(Method(num_particles=8), 4)
+        match_budget(Method(num_particles=8, select="reward"), 4)
 
 
 EVAL_CONFIGS = sorted((ROOT / "configs" / "eval").rglob("*.yaml"))

@@ -576,7 +576,7 @@ def test_callback_bad_metrics_are_clear_errors(tmp_path):
 def test_summary_table_has_a_row_per_metric_and_a_column_per_method():
     from rich.console import Console
 
-    from lightning_smc.metrics.registry import summary_table
+    from lightning_smc.evaluation.report import summary_table
 
     rows = {"A": {"reward": 0.5, "overtake_rate": 0.25}, "B": {"reward": 0.75}}
     console = Console(width=40, record=True)

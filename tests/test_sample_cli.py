@@ -196,7 +196,7 @@ def test_toy_demo_prints_particles_and_exact_log_z(method):
 def test_best_of_n_selecting_by_weight_is_refused():
     with pytest.raises(SampleUsageError, match="select: weight returns particle 0") as err:
         main(["--config", str(METHODS / "best_of_n.yaml"), *SMALL, "--method.select", "weight"])
-    assert "--method.select reward" in str(err.value)
+    assert "select: reward" in str(err.value)  # the field and the fix
 
 
 def test_a_prompt_holding_the_mask_token_is_refused(tmp_path):
@@ -255,14 +255,14 @@ def test_bad_metrics_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
 
 def test_non_finite_values_are_never_written(tmp_path, monkeypatch):
     """A NaN metric or weight is an error naming the method and the metric; no file is written."""
-    import lightning_smc.sample as sample
+    import lightning_smc.evaluation.report as report
 
-    real = sample.unigram_entropy
-    monkeypatch.setattr(sample, "unigram_entropy", lambda tokens: float("nan"))
+    real = report.unigram_entropy
+    monkeypatch.setattr(report, "unigram_entropy", lambda tokens: float("nan"))
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="method 'SR-SMC': entropy of answer 0 is not finite"):
         main(["--config", SRSMC, *SMALL, *NO_SCORERS, "--metrics", "nfe", "--out", str(out)])
     assert not out.exists()
-    monkeypatch.setattr(sample, "unigram_entropy", real)
+    monkeypatch.setattr(report, "unigram_entropy", real)
     with pytest.raises(ValueError, match="method 'x': metric ess is not finite"):
-        sample._finite("x", "metric ess", float("inf"))
+        report.answer_records("x", None, {"ess": float("inf")})

@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..evaluation import MethodResult, evaluate_distributed
+from ..evaluation.report import summary_table
 from ..methods import Method
 from ..metrics.perplexity import SMOLLM2, check_scorer
 from ..metrics.registry import (
@@ -46,7 +47,6 @@ from ..metrics.registry import (
     MetricSet,
     parse_metric_names,
     success_threshold_of,
-    summary_table,
 )
 from ..rewards import BaseReward
 

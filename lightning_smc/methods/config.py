@@ -20,7 +20,14 @@ from ..rewards import BaseReward
 from .method import Method
 from .specs import SPECS, PotentialSpec
 
-__all__ = ["LEGACY_KEYS", "MethodConfig", "load_method_config", "method_parser", "rewrite_legacy"]
+__all__ = [
+    "LEGACY_KEYS",
+    "MethodConfig",
+    "legacy_error",
+    "load_method_config",
+    "method_parser",
+    "rewrite_legacy",
+]
 
 
 # ------------------------------------------------------------------------ config files
@@ -47,6 +54,34 @@ class MethodConfig:
     seed: int
 
 
+#: the method-config keys beside ``method``, with their docs
+RUN_HELP = {
+    "model": "the denoiser: embedded (the packaged Shakespeare MDLM), a save_pretrained folder "
+    "or a hub id in the mdlm-owt format",
+    "tokenizer": "its tokenizer (default: the one saved with the model)",
+    "reward": "the target's reward (class_path / init_args of a lightning_smc.rewards class)",
+    "holdout": "a different scorer, reported, never steered on",
+    "guide": "a differentiable reward whose gradient drives a gradient proposal",
+    "prompts": "a text file, one prompt a line (a blank line: an empty prefix); default: none",
+    "seq_len": "tokens per answer, prompt included",
+    "num_samples": "answers to draw when there is no prompt file",
+    "batch_size": "prompts per sampler call (answers do not depend on it)",
+    "seed": "prompt i is sampled with the generator seeded by derive_seed(seed, i)",
+}
+_KEYS = {
+    "model": (str, "embedded"),
+    "reward": (BaseReward | None, None),
+    "holdout": (BaseReward | None, None),
+    "guide": (BaseReward | None, None),
+    "tokenizer": (str | None, None),
+    "prompts": (str | None, None),
+    "seq_len": (int, 64),
+    "num_samples": (int, 16),
+    "batch_size": (int, 16),
+    "seed": (int, 0),
+}
+
+
 def method_parser():
     """The jsonargparse parser of method config files (``--config FILE`` plus overrides)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -54,16 +89,8 @@ def method_parser():
     parser = ArgumentParser(prog="lightning_smc.sample", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a method YAML file")
     parser.add_class_arguments(Method, "method")
-    parser.add_argument("--model", type=str, default="embedded")
-    parser.add_argument("--reward", type=BaseReward | None, default=None)
-    parser.add_argument("--holdout", type=BaseReward | None, default=None)
-    parser.add_argument("--guide", type=BaseReward | None, default=None)
-    parser.add_argument("--tokenizer", type=str | None, default=None)
-    parser.add_argument("--prompts", type=str | None, default=None)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--num_samples", type=int, default=16)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    for key, (kind, default) in _KEYS.items():
+        parser.add_argument(f"--{key}", type=kind, default=default, help=RUN_HELP[key])
     return parser
 
 
@@ -99,7 +126,7 @@ def rewrite_legacy(method: dict[str, Any]) -> dict[str, Any] | None:
     return new
 
 
-def _legacy_error(where: str, method: dict[str, Any]) -> ValueError | None:
+def legacy_error(where: str, method: dict[str, Any]) -> ValueError | None:
     new = rewrite_legacy(method)
     if new is None:
         return None
@@ -138,10 +165,10 @@ def load_method_config(path: str | Path | None = None, overrides: list[str] = ()
     overrides = list(overrides)
     if path is not None and Path(path).is_file():
         loaded = yaml.safe_load(Path(path).read_text()) or {}
-        err = _legacy_error(f"method config {path}", loaded.get("method") or {})
+        err = legacy_error(f"method config {path}", loaded.get("method") or {})
         if err is not None:
             raise err
-    err = _legacy_error("method overrides", _method_overrides(overrides))
+    err = legacy_error("method overrides", _method_overrides(overrides))
     if err is not None:
         raise err
     parser = method_parser()

@@ -31,6 +31,8 @@ __all__ = ["Method", "answers", "build_sampler", "evaluations_per_step", "match_
 class Method:
     """A sampling method (see the module docstring for the presets and the specs).
 
+    The defaults are the plain sampler (one particle, no potential).
+
     Args:
         name: label in logs and tables.
         num_particles, num_steps, unmasking, block_length, temperature, top_p, resampling,
@@ -46,7 +48,7 @@ class Method:
     """
 
     name: str = "smc"
-    num_particles: int = 8
+    num_particles: int = 1
     num_steps: int = 64
     unmasking: Unmasking = "ancestral"
     block_length: int | None = None
@@ -71,6 +73,13 @@ class Method:
         if self.select not in ("weight", "reward"):
             raise ValueError(
                 f"method {self.name!r}: select={self.select!r} is not 'weight' or 'reward'"
+            )
+        if self.potential is None and self.num_particles > 1 and self.select == "weight":
+            raise ValueError(
+                f"method {self.name!r}: {self.num_particles} particles without a potential all "
+                f"weigh the same, so select: weight returns particle 0 at {self.num_particles}x "
+                "the cost; use select: reward (best-of-N, needs a reward), num_particles: 1 (the "
+                "plain sampler) or a potential (e.g. potential: self_reward for SR-SMC)"
             )
         if self.proposal is not None and not isinstance(self.potential, RewardTiltSpec):
             raise ValueError(

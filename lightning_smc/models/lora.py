@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .loading import read_checkpoint, read_json, read_safetensors
+from .files import read_checkpoint, read_json, read_safetensors
 
 __all__ = ["LoRADenoiser", "weights_fingerprint"]
 

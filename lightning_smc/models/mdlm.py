@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diffusion.schedules import LogLinearSchedule
-from .loading import read_checkpoint, read_json, read_safetensors
+from .files import read_checkpoint, read_json, read_safetensors
 
 __all__ = ["MDLMConfig", "MDLMDenoiser"]
 

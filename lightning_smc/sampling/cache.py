@@ -5,7 +5,7 @@ is the same (for a denoiser without time conditioning), so the row is not re-eva
 ``enabled=False`` every row is evaluated at every step. ``evaluations`` counts the row-level
 network evaluations actually performed: ``evaluations / R`` is the honest NFE per sequence.
 Rows follow their ancestors through ``reorder`` after a resample; when particles are sharded
-over processes (``sharding.ParticleShards``), rows received from another process are evaluated
+over processes (``sampling.layouts.ParticleShards``), rows received from another process are evaluated
 with ``evaluate`` (counted in ``evaluations``) and the new state is set with ``adopt``.
 
 **Per-row state.** ``followers`` are the networks of the run that keep per-row state (a KV
