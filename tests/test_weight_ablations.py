@@ -1,12 +1,15 @@
 """The exact-target tests have power: removing any single weight term makes some of them fail."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from weight_ablations import run_ablation  # noqa: E402
+_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "weight_ablations.py"
+_spec = importlib.util.spec_from_file_location("weight_ablations", _SCRIPT)
+weight_ablations = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(weight_ablations)
+run_ablation = weight_ablations.run_ablation
 
 EXPECTED = {  # ablation -> tests that must fail without that term
     "no-self-reward-weight": "test_self_reward_targets_p0_squared",
