@@ -47,7 +47,7 @@ class Method:
             answers. In a single process this is the local layout, bit for bit.
     """
 
-    name: str = "smc"
+    name: str = "plain"
     num_particles: int = 1
     num_steps: int = 64
     unmasking: Unmasking = "ancestral"
