@@ -1,5 +1,6 @@
 """Every config under configs/ parses and smoke-runs (fast_dev_run) through the real CLI."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,14 @@ def test_offline_wandb_run_records_metrics(tmp_path, monkeypatch):
     run_dir = Path(cli.trainer.logger.experiment.dir).resolve().parent
     cli.trainer.logger.experiment.finish()  # flush this offline run to disk
     assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
-    history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+    # wandb-core (a separate process) may still be writing the file when finish() returns on
+    # a busy machine: wait for it, up to a bound
+    deadline, history = time.monotonic() + 60, b""
+    while time.monotonic() < deadline:
+        history = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+        if b"train/loss" in history and b"val/nll" in history:
+            break
+        time.sleep(0.5)
     assert b"train/loss" in history and b"val/nll" in history
     assert (tmp_path / "outputs/mdlm_tiny/hf/model.safetensors").exists()
     run = tmp_path / "outputs/mdlm_tiny"
