@@ -13,7 +13,7 @@ per-step draws (``[#masked, V]`` float64) do not allocate fresh memory at every 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,39 +34,31 @@ __all__ = [
 ]
 
 
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor in ``value`` (a tensor, a dict / list / tuple of them,
+    nested, or ``None``); anything else is returned as it is."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
+
+
 def expand_rows(value: Any, repeats: int) -> Any:
     """Repeat every tensor in ``value`` (tensor, dict, list/tuple or None) ``repeats`` times on dim 0."""
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        return value.repeat_interleave(repeats, dim=0)
-    if isinstance(value, dict):
-        return {k: expand_rows(v, repeats) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(expand_rows(v, repeats) for v in value)
-    return value
+    return map_tensors(value, lambda t: t.repeat_interleave(repeats, dim=0))
 
 
 def _broadcast(value: Any, batch: int) -> Any:
     """Tensors in ``value`` with leading dimension 1 repeated to ``batch``."""
-    if isinstance(value, Tensor):
-        return value.expand(batch, *value.shape[1:]) if value.shape[:1] == (1,) else value
-    if isinstance(value, dict):
-        return {k: _broadcast(v, batch) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_broadcast(v, batch) for v in value)
-    return value
+    return map_tensors(value, lambda t: t.expand(batch, *t.shape[1:]) if t.shape[:1] == (1,) else t)
 
 
 def index_rows(value: Any, index: Tensor) -> Any:
     """Select rows ``index`` of every tensor in ``value`` (tensor, dict, list/tuple or None)."""
-    if isinstance(value, Tensor):
-        return value[index]
-    if isinstance(value, dict):
-        return {k: index_rows(v, index) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(index_rows(v, index) for v in value)
-    return value
+    return map_tensors(value, lambda t: t[index])
 
 
 class Scratch:
