@@ -110,8 +110,9 @@ def test_remdm_sigma_follows_the_paper_schedules():
         policy = ReMDM(eta=eta, mode=mode)
         for plan in plans:
             assert policy.event_probabilities(plan) == pytest.approx(_probabilities(policy, plan))
-    with pytest.raises(ValueError, match="eta"):
-        ReMDM(eta=float("nan"))
+    for bad in (float("nan"), float("inf"), -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="eta"):
+            ReMDM(eta=bad)
     with pytest.raises(ValueError, match="mode"):
         ReMDM(mode="loop")
 

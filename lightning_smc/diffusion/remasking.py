@@ -46,7 +46,8 @@ class ReMDM(UnmaskingPolicy):
 
     def __post_init__(self) -> None:
         self.schedule = get_schedule(self.schedule)
-        if not (isinstance(self.eta, int | float) and math.isfinite(self.eta) and self.eta >= 0):
+        number = isinstance(self.eta, int | float) and not isinstance(self.eta, bool)
+        if not (number and math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"ReMDM eta must be a finite number >= 0, got {self.eta!r}")
         if self.mode not in ("max_cap", "rescale"):
             raise ValueError(f"ReMDM mode={self.mode!r} is not known; use 'max_cap' or 'rescale'")
