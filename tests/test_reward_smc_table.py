@@ -1,0 +1,113 @@
+"""experiments/reward_smc_table.py: its standard-error helpers and a tiny end-to-end run."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_smc.metrics.diversity import distinct_n
+
+ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = ROOT / "experiments" / "reward_smc_table.py"
+_spec = importlib.util.spec_from_file_location("reward_smc_table", _SCRIPT)
+table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(table)
+
+
+def test_mean_se_is_std_ddof1_over_sqrt_n():
+    mean, se = table.mean_se([1.0, 2.0, 3.0, 6.0])
+    assert mean == 3.0
+    assert se == pytest.approx(math.sqrt(((4 + 1 + 0 + 9) / 3) / 4))
+    assert table.mean_se([0, 0, 1, 1]) == (0.5, pytest.approx(math.sqrt(1 / 3 / 4)))
+    assert math.isnan(table.mean_se([2.0])[1])
+
+
+def test_ratio_se_is_the_delta_method_of_a_ratio_of_means():
+    a = np.array([10.0, 14.0, 9.0, 20.0, 15.0])
+    b = np.array([4.0, 5.0, 3.0, 8.0, 6.0])
+    ratio, se = table.ratio_se(a, b)
+    assert ratio == pytest.approx(a.sum() / b.sum())
+    # brute force: gradient of mean(a) / mean(b) against the sample covariance of (a, b)
+    grad = np.array([1 / b.mean(), -a.mean() / b.mean() ** 2])
+    cov = np.cov(np.stack([a, b]), ddof=1)
+    assert se == pytest.approx(math.sqrt(grad @ cov @ grad / len(a)), rel=1e-12)
+    # a constant ratio has no spread
+    assert table.ratio_se(3 * b, b) == (pytest.approx(3.0), pytest.approx(0.0, abs=1e-12))
+
+
+def test_ratio_se_matches_the_spread_of_repeated_experiments():
+    rng = np.random.default_rng(0)
+    n, repeats = 200, 2000
+    b = rng.integers(5, 40, size=(repeats, n)).astype(float)  # tokens per text
+    a = b * rng.gamma(4.0, 0.8, size=(repeats, n))  # summed NLL per text
+    ratios, ses = zip(*(table.ratio_se(a[r], b[r]) for r in range(repeats)), strict=True)
+    assert np.mean(ses) == pytest.approx(np.std(ratios, ddof=1), rel=0.08)
+
+
+def test_gen_ppl_se_is_exp_of_the_token_weighted_ratio_and_drops_empty_texts():
+    nll, counts = np.array([20.0, 33.0, 0.0, 41.0]), np.array([10, 12, 0, 15])
+    ppl, se = table.gen_ppl_se(nll, counts)
+    log_ppl, log_se = table.ratio_se(nll[[0, 1, 3]], counts[[0, 1, 3]])
+    assert ppl == pytest.approx(math.exp(94.0 / 37.0))
+    assert (ppl, se) == (pytest.approx(math.exp(log_ppl)), pytest.approx(ppl * log_se))
+
+
+TEXTS = ["the cat sat", "the cat ran away", "a dog sat on the mat", "the cat sat", "ok"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_dist_bootstrap_value_is_distinct_n_and_the_se_is_seeded(n):
+    value, se = table.dist_bootstrap(TEXTS, n, resamples=200, seed=0)
+    assert value == pytest.approx(distinct_n(TEXTS, n))
+    assert math.isfinite(se) and se > 0
+    assert table.dist_bootstrap(TEXTS, n, resamples=200, seed=0) == (value, se)
+    assert table.dist_bootstrap(TEXTS, n, resamples=200, seed=1)[1] != se
+
+
+def test_dist_jackknife_leaves_each_text_out():
+    value, se = table.dist_jackknife(TEXTS, 2)
+    assert value == pytest.approx(distinct_n(TEXTS, 2))
+    left_out = [distinct_n(TEXTS[:i] + TEXTS[i + 1 :], 2) for i in range(len(TEXTS))]
+    k = len(TEXTS)
+    expected = math.sqrt((k - 1) / k * np.sum((np.array(left_out) - np.mean(left_out)) ** 2))
+    assert se == pytest.approx(expected)
+
+
+def _finite_cells(record):
+    for rows in record["tables"].values():
+        for row in rows:
+            for key, entry in row["cells"].items():
+                assert math.isfinite(entry["value"]), (row["method"], key)
+                assert entry["se"] is not None and math.isfinite(entry["se"]), (row["method"], key)
+
+
+def test_the_table_runs_at_tiny_size(tmp_path):
+    argv = [
+        "--task", "sentiment", "--num-samples", "2", "--particles", "2", "--steps", "4",
+        "--seq-len", "16", "--no-gen-ppl", "--bootstrap", "20", "--out", str(tmp_path),
+    ]  # fmt: skip
+    record = table.main(argv)
+    for suffix in (".md", ".json", "_samples.jsonl"):
+        assert (tmp_path / f"sentiment_table{suffix}").is_file()
+    rows = record["tables"]["equal-steps"]
+    assert [r["key"] for r in rows] == table.METHODS
+    assert all(r["n"] == 2 for r in rows)
+    _finite_cells(json.loads((tmp_path / "sentiment_table.json").read_text()))
+    assert "± " in (tmp_path / "sentiment_table.md").read_text()
+
+
+def test_the_toxicity_table_matches_budgets(tmp_path):
+    argv = [
+        "--task", "toxicity", "--num-samples", "2", "--particles", "2", "--steps", "4",
+        "--seq-len", "16", "--no-gen-ppl", "--bootstrap", "20", "--budget", "equal-nfe",
+        "--methods", "base,smc_base,smc_grad,smc_amot", "--out", str(tmp_path),
+    ]  # fmt: skip
+    record = table.main(argv)
+    rows = {r["key"]: r for r in record["tables"]["equal-nfe"]}
+    assert "smc_amot" not in rows  # no packaged toxicity adapter: skipped without --adapter
+    assert rows["base"]["num_steps"] == 8 and rows["smc_grad"]["num_steps"] == 4
+    assert {r["nfe_budget"] for r in rows.values()} == {8}
+    _finite_cells(record)
