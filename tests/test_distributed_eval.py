@@ -189,9 +189,21 @@ def assert_summaries_match(
     rounding (``tol`` on each log-weight and log Ẑ)."""
     assert set(a) == set(b), name
     for key in a:
-        if key == "seconds":  # wall time
+        if key in ("seconds", "seconds_se"):  # wall time
             continue
-        if key == "ess":  # mean of ESS / N: relative error at most twice the log-weights'
+        if key == "ess_se":
+            # per-sample ESS / N (<= 1) each within 2 tol (below): the sample standard deviation
+            # moves by at most max|delta| sqrt(n / (n - 1)), its SE by max|delta| / sqrt(n - 1)
+            assert b[key] == pytest.approx(a[key], rel=0, abs=2 * tol), (name, key)
+        elif key == "gen_ppl_se":
+            # ppl * SE of the mean NLL per token: each answer's summed NLL moves by PPL_RTOL per
+            # token, so the SE of the ratio by at most 2 PPL_RTOL (max / mean length) / sqrt(n - 1);
+            # the answers here are at most 4x longer than the mean (same bound for the ppl factor)
+            assert b[key] == pytest.approx(a[key], rel=0, abs=8 * PPL_RTOL * a["gen_ppl"]), (
+                name,
+                key,
+            )
+        elif key == "ess":  # mean of ESS / N: relative error at most twice the log-weights'
             assert b[key] == pytest.approx(a[key], rel=2 * tol, abs=0), (name, key)
         elif key == "log_z_mean":
             assert b[key] == pytest.approx(a[key], rel=0, abs=tol), (name, key)

@@ -82,7 +82,16 @@ def summary_table(title: str, summaries: dict[str, dict[str, float]]):
     for name in summaries:
         table.add_column(name, justify="right")
     for key in keys:
-        table.add_row(
-            key, *(f"{row[key]:.4g}" if key in row else "-" for row in summaries.values())
-        )
+        if key.endswith("_se") and key[:-3] in keys:
+            continue  # shown with its mean
+        table.add_row(key, *(_cell(row, key) for row in summaries.values()))
     return table
+
+
+def _cell(row: dict[str, float], key: str) -> str:
+    """``mean ± se`` when the summary has the key's standard error, else the value."""
+    if key not in row:
+        return "-"
+    if f"{key}_se" in row:
+        return f"{row[key]:.4g} ± {row[key + '_se']:.2g}"
+    return f"{row[key]:.4g}"

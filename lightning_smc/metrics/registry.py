@@ -29,6 +29,11 @@ seconds      ``seconds``                      sampling wall time per answer (sum
                                               processes: compute time, not latency)
 ===========  ===============================  ===============================================
 
+Standard errors: ``reward``, ``success``, ``holdout``, ``entropy``, ``ess`` and ``seconds`` also
+give ``<key>_se`` (sample standard deviation / sqrt(n) over samples); ``gen_ppl_se`` is the
+delta-method error of the token-weighted ratio (``sample_metrics.ratio_with_se``). Each needs
+>= 2 samples. ``dist_n`` is a pooled statistic and has none here.
+
 Default (``names=None``): every metric but ``gen_ppl``, ``entropy`` and ``dist``, minus
 ``reward`` / ``success`` / ``holdout`` when there is no such scorer. A name given explicitly
 whose scorer is missing is an error; so is an unknown name (``unknown metric 'x'; choose from

@@ -9,6 +9,7 @@ in ``metrics.registry``, which selects them by name (``MetricSet``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
@@ -21,7 +22,15 @@ from torchmetrics.utilities.data import dim_zero_cat
 from .diversity import _ngrams, _sequences, unigram_entropy
 from .perplexity import GenerativePerplexity
 
-__all__ = ["METRICS", "EvalMetric", "PerSampleMetric", "SampleBatch", "success_threshold_of"]
+__all__ = [
+    "METRICS",
+    "EvalMetric",
+    "PerSampleMetric",
+    "SampleBatch",
+    "mean_with_se",
+    "ratio_with_se",
+    "success_threshold_of",
+]
 
 
 class SampleBatch(Protocol):
@@ -55,6 +64,29 @@ def success_threshold_of(reward: Any) -> float | None:
     if threshold is None:
         return None
     return float(threshold) * float(getattr(reward, "scale", 1.0))
+
+
+# ------------------------------------------------------------------------- standard errors
+def mean_with_se(key: str, column: Tensor) -> dict[str, float]:
+    """``{key: mean, key_se: std / sqrt(n)}`` of the per-sample values ``column [S]`` (the
+    sample standard deviation, ``n - 1``; no ``key_se`` for a single sample)."""
+    column = column.double()
+    out = {key: float(column.mean())}
+    if column.numel() >= 2:
+        out[f"{key}_se"] = float(column.std(unbiased=True) / column.numel() ** 0.5)
+    return out
+
+
+def ratio_with_se(numerator: Tensor, denominator: Tensor) -> tuple[float, float | None]:
+    """``m = sum(a) / sum(b)`` and its delta-method standard error
+    ``sqrt(var(a_i - m b_i) / n) / mean(b)`` (a ratio estimator: token-weighted means); the
+    error is ``None`` for a single sample."""
+    a, b = numerator.double(), denominator.double()
+    m = a.sum() / b.sum()
+    if a.numel() < 2:
+        return float(m), None
+    se = (a - m * b).std(unbiased=True) / a.numel() ** 0.5 / b.mean()
+    return float(m), float(se)
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -147,7 +179,7 @@ class Reward(PerSampleMetric):
         return _required(batch, "reward", self.name)
 
     def reduce(self, rows):
-        return {"reward": float(rows[:, 0].mean())}
+        return mean_with_se("reward", rows[:, 0])
 
 
 class Success(PerSampleMetric):
@@ -157,7 +189,7 @@ class Success(PerSampleMetric):
         return _required(batch, "reward", self.name) > self.context["success_threshold"]
 
     def reduce(self, rows):
-        return {"success": float(rows[:, 0].mean())}
+        return mean_with_se("success", rows[:, 0])
 
 
 class Holdout(PerSampleMetric):
@@ -167,7 +199,7 @@ class Holdout(PerSampleMetric):
         return _required(batch, "holdout", self.name)
 
     def reduce(self, rows):
-        return {"holdout": float(rows[:, 0].mean())}
+        return mean_with_se("holdout", rows[:, 0])
 
 
 class GenPPL(PerSampleMetric):
@@ -199,7 +231,11 @@ class GenPPL(PerSampleMetric):
                 "metric 'gen_ppl': every answer's text is empty; gen_ppl left out", stacklevel=2
             )
             return {}
-        return {"gen_ppl": float(torch.exp(rows[:, 0].sum() / tokens))}
+        nll, se = ratio_with_se(rows[:, 0], rows[:, 1])  # mean NLL per token
+        out = {"gen_ppl": math.exp(nll)}
+        if se is not None:  # delta method: d exp(m) = exp(m) dm
+            out["gen_ppl_se"] = out["gen_ppl"] * se
+        return out
 
 
 class Entropy(PerSampleMetric):
@@ -211,7 +247,7 @@ class Entropy(PerSampleMetric):
         )
 
     def reduce(self, rows):
-        return {"entropy": float(rows[:, 0].mean())}
+        return mean_with_se("entropy", rows[:, 0])
 
 
 class ESS(PerSampleMetric):
@@ -221,7 +257,7 @@ class ESS(PerSampleMetric):
         return batch.ess_trace.double().mean(-1) / batch.num_particles
 
     def reduce(self, rows):
-        return {"ess": float(rows[:, 0].mean())}
+        return mean_with_se("ess", rows[:, 0])
 
 
 class LogZ(PerSampleMetric):
@@ -283,7 +319,7 @@ class Seconds(PerSampleMetric):
         return batch.sample_seconds
 
     def reduce(self, rows):
-        return {"seconds": float(rows[:, 0].mean())}
+        return mean_with_se("seconds", rows[:, 0])
 
 
 class Dist(EvalMetric):
