@@ -250,31 +250,44 @@ def nfe_budget(task: str, args: argparse.Namespace) -> int:
     return method.num_particles * method.num_steps * evaluations_per_step(method)
 
 
-def score_result(result, run, gen_ppl: bool, resamples: int, seed: int) -> dict[str, Any]:
-    """Every column of one method's answers as ``{key: (value, se)}``."""
-    cells: dict[str, tuple[float, float]] = {}
-    reward = result.reward.double().numpy()
-    cells["reward"] = mean_se(reward)
+def answer_records(result, run, gen_ppl: bool) -> list[dict[str, Any]]:
+    """One record per answer: its index, text and every per-answer value a cell needs."""
+    columns: dict[str, Any] = {"reward": result.reward.double().tolist()}
     threshold = success_threshold_of(run.reward)
     if threshold is not None:
-        cells["success"] = mean_se(reward > threshold)
+        columns["success"] = (result.reward > threshold).double().tolist()
     if result.holdout is not None:
-        holdout = result.holdout.double().numpy()
-        cells["holdout"] = mean_se(holdout)
+        columns["holdout"] = result.holdout.double().tolist()
         hold_threshold = success_threshold_of(run.holdout)
         if hold_threshold is not None:
-            cells["holdout_success"] = mean_se(holdout > hold_threshold)
+            columns["holdout_success"] = (result.holdout > hold_threshold).double().tolist()
     if gen_ppl:
         from lightning_smc.metrics import GenerativePerplexity
 
         nll, counts = GenerativePerplexity().score(result.texts)
-        cells["gen_ppl"] = gen_ppl_se(nll.numpy(), counts.numpy())
+        columns["nll"], columns["ntok"] = nll.double().tolist(), counts.tolist()
+    columns["ess"] = (result.ess_trace.double().mean(-1) / result.num_particles).tolist()
+    columns["nfe"] = result.sample_nfe.double().tolist()
+    columns["seconds"] = result.sample_seconds.double().tolist()
+    columns["index"] = result.index.tolist()
+    columns["text"] = list(result.texts)
+    return [{k: v[i] for k, v in columns.items()} for i in range(len(result))]
+
+
+def cells_of(records: list[dict[str, Any]], resamples: int, seed: int) -> dict[str, Any]:
+    """Every column of one method's answers as ``{key: {"value", "se"}}``."""
+    cells: dict[str, tuple[float, float]] = {}
+    for key in ("reward", "success", "holdout", "holdout_success"):
+        if key in records[0]:
+            cells[key] = mean_se([r[key] for r in records])
+    if "nll" in records[0]:
+        cells["gen_ppl"] = gen_ppl_se([r["nll"] for r in records], [r["ntok"] for r in records])
+    texts = [r["text"] for r in records]
     for n in (1, 2, 3):
-        cells[f"dist{n}"] = dist_bootstrap(result.texts, n, resamples, seed)
-    per_answer_ess = result.ess_trace.double().mean(-1) / result.num_particles
-    cells["ess"] = mean_se(per_answer_ess.numpy())
-    cells["nfe"] = mean_se(result.sample_nfe.double().numpy())
-    cells["seconds"] = mean_se(result.sample_seconds.double().numpy())
+        cells[f"dist{n}"] = dist_bootstrap(texts, n, resamples, seed)
+        cells[f"dist{n}_jackknife"] = dist_jackknife(texts, n)
+    for key in ("ess", "nfe", "seconds"):
+        cells[key] = mean_se([r[key] for r in records])
     return {k: {"value": v, "se": se} for k, (v, se) in cells.items()}
 
 
@@ -302,9 +315,10 @@ def run_table(task: str, budget_name: str, args, denoiser, tokenizer, samples_fi
             continue
         run = load_run(task, name, args, budget)
         start = time.perf_counter()
-        result = run_config(run, denoiser, tokenizer)
+        result = run_config(run, denoiser, tokenizer, shard=args.shard)
         sampled = time.perf_counter() - start
-        cells = score_result(result, run, args.gen_ppl, args.bootstrap, args.seed)
+        records = answer_records(result, run, args.gen_ppl)
+        cells = cells_of(records, args.bootstrap, args.seed)
         row = {
             "method": label_of(name, run),
             "key": name,
@@ -320,12 +334,9 @@ def run_table(task: str, budget_name: str, args, denoiser, tokenizer, samples_fi
             "total_s": time.perf_counter() - start,
         }
         rows.append(row)
-        for i, text in enumerate(result.texts):
-            record = {"budget": budget_name, "method": row["method"], "index": int(result.index[i])}
-            record["reward"] = float(result.reward[i])
-            if result.holdout is not None:
-                record["holdout"] = float(result.holdout[i])
-            samples_file.write(json.dumps({**record, "text": text}) + "\n")
+        for record in records:
+            head = {"budget": budget_name, "key": name, "method": row["method"]}
+            samples_file.write(json.dumps({**head, **record}) + "\n")
         brief = {k: round(c["value"], 4) for k, c in cells.items()}
         print(f"[{budget_name}] {row['method']} steps={row['num_steps']} "
               f"{row['total_s']:.1f}s {brief}", flush=True)  # fmt: skip
@@ -336,16 +347,24 @@ def cell(entry: dict | None, fmt: str) -> str:
     if entry is None:
         return "–"
     value, se = entry["value"], entry["se"]
-    se_text = "nan" if not math.isfinite(se) else format(se, fmt)
+    se_text = "nan" if se is None or not math.isfinite(se) else format(se, fmt)
     return f"{format(value, fmt)} ± {se_text}"
+
+
+def dist_cell(cells: dict[str, Any], key: str) -> dict | None:
+    """``cells[key]``; for Dist-n its value with the jackknife SE."""
+    if key.startswith("dist") and f"{key}_jackknife" in cells:
+        return {"value": cells[key]["value"], "se": cells[f"{key}_jackknife"]["se"]}
+    return cells.get(key)
 
 
 def markdown(task: str, tables: dict[str, list[dict]], settings: dict[str, Any]) -> str:
     run = settings
+    commands = run["command"] if isinstance(run["command"], list) else [run["command"]]
     lines = [
         f"# {task} on the embedded model: reward-guided SMC methods",
         "",
-        f"`{run['command']}`",
+        *[f"`{c}`" for c in commands],
         "",
         f"- {run['num_samples']} answers per method (prompt-free, seeds `derive_seed({run['seed']}, i)`), "
         f"seq_len {run['seq_len']}, N = {run['particles']} particles (base, Propgrad, Propamot: N=1).",
@@ -353,11 +372,19 @@ def markdown(task: str, tables: dict[str, list[dict]], settings: dict[str, Any])
         f"gradient guide: {run['guide']}; adapter: {run['adapter']}.",
         "- success: reward above its threshold; holdout success: holdout above its threshold.",
         "- every cell is `value ± SE`: means over answers `std(ddof=1)/sqrt(n)`; gen PPL "
-        "(SmolLM2-135M, token-weighted over all answers) by the delta method for a ratio; Dist-n "
-        f"(whitespace words, pooled) by the std of {run['bootstrap']} bootstrap resamples of the "
-        f"answers (numpy seed {run['seed']}); seconds are batch wall times shared by the answers "
-        "of a batch (SE indicative only).",
-        f"- wall time: {run['wall_s'] / 60:.1f} min on {run['machine']}, torch {run['torch']}.",
+        "(SmolLM2-135M, token-weighted over all answers) by the delta method for a ratio; "
+        + (
+            "Dist-n (whitespace words, pooled) by the delete-one jackknife over answers (the "
+            f"JSON also holds the std of {run['bootstrap']} bootstrap resamples, numpy seed "
+            f"{run['seed']}, which overstates it: a text drawn twice repeats all its n-grams; "
+            "see experiments/dist_se_calibration.py)"
+            if run.get("dist_se", "jackknife") == "jackknife"
+            else f"Dist-n (whitespace words, pooled) by the std of {run['bootstrap']} bootstrap "
+            f"resamples of the answers (numpy seed {run['seed']})"
+        )
+        + "; seconds are batch wall times shared by the answers of a batch (SE indicative only).",
+        f"- wall time: {run['wall_s'] / 60:.1f} min on {run['machine']}, torch {run['torch']}"
+        + (" (parts run in parallel: the longest part)." if len(commands) > 1 else "."),
         "",
     ]
     for budget_name, rows in tables.items():
@@ -373,7 +400,11 @@ def markdown(task: str, tables: dict[str, list[dict]], settings: dict[str, Any])
         lines += ["", "| method | steps | " + " | ".join(h for _, h, _ in COLUMNS) + " |"]
         lines.append("|---|---:|" + "---:|" * len(COLUMNS))
         for row in rows:
-            cells = [cell(row["cells"].get(k), fmt) for k, _, fmt in COLUMNS]
+            jackknife = run.get("dist_se", "jackknife") == "jackknife"
+            cells = [
+                cell(dist_cell(row["cells"], k) if jackknife else row["cells"].get(k), fmt)
+                for k, _, fmt in COLUMNS
+            ]
             lines.append(f"| {row['method']} | {row['num_steps']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -418,10 +449,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the configs'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=200, help="Dist-n bootstrap resamples")
+    parser.add_argument(
+        "--dist-se", choices=["jackknife", "bootstrap"], default="jackknife",
+        help="the Dist-n SE shown in the table (the JSON holds both)",
+    )  # fmt: skip
     parser.add_argument("--no-gen-ppl", dest="gen_ppl", action="store_false")
     parser.add_argument("--name", default=None, help="file stem (default: <task>_table)")
+    parser.add_argument(
+        "--shard", default=None, metavar="I/K",
+        help="only the I-th of K contiguous blocks of the answers (join the parts with --merge)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="folder for .md / .json / .jsonl")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, default=None, metavar="PART.json",
+        help="join the tables of runs of disjoint --methods (e.g. run in parallel) into one",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.shard is not None:
+        try:
+            rank, world = (int(v) for v in args.shard.split("/"))
+            assert 0 <= rank < world
+        except (ValueError, AssertionError):
+            parser.error(f"--shard {args.shard!r}: write I/K with 0 <= I < K")
+        args.shard = (rank, world)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -431,14 +481,99 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def merge(
+    parts: list[Path], out: Path, stem: str, command: str, dist_se: str = "jackknife"
+) -> dict[str, Any]:
+    """One table from the JSON records of runs of the same task and sizes on disjoint methods
+    (their ``_samples.jsonl`` files are joined too)."""
+    records = [json.loads(Path(p).read_text()) for p in parts]
+    first = records[0]["settings"]
+    same = ("task", "num_samples", "particles", "seq_len", "seed", "bootstrap", "gen_ppl")
+    for record, path in zip(records, parts, strict=True):
+        differ = [k for k in same if record["settings"][k] != first[k]]
+        if differ:
+            raise ValueError(f"--merge: {path} differs from {parts[0]} in {differ}")
+    answers: dict[tuple[str, str], list[dict]] = {}
+    for path in parts:
+        part_samples = Path(path).with_name(Path(path).stem + "_samples.jsonl")
+        if part_samples.is_file():
+            for line in part_samples.read_text().splitlines():
+                answer = json.loads(line)
+                answers.setdefault((answer["budget"], answer.get("key")), []).append(answer)
+    tables: dict[str, list[dict]] = {}
+    for record, path in zip(records, parts, strict=True):
+        for budget_name, rows in record["tables"].items():
+            for row in rows:
+                if record["settings"].get("shard") is None:
+                    tables.setdefault(budget_name, []).append(row)
+                    continue
+                joined = next(
+                    (r for r in tables.get(budget_name, []) if r["key"] == row["key"]), None
+                )
+                if joined is None:  # the first shard of this method
+                    tables.setdefault(budget_name, []).append({**row, "shards": [str(path)]})
+                else:
+                    joined["shards"].append(str(path))
+                    joined["sampling_s"] += row["sampling_s"]
+                    joined["total_s"] = max(joined["total_s"], row["total_s"])
+    for budget_name, rows in tables.items():
+        keys = [r["key"] for r in rows]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"--merge: a method appears twice in {budget_name}: {keys}")
+        rows.sort(key=lambda r: METHODS.index(r["key"]))
+        for row in rows:
+            if "shards" not in row:
+                continue
+            group = sorted(answers.get((budget_name, row["key"]), []), key=lambda a: a["index"])
+            indices = [a["index"] for a in group]
+            if indices != list(range(first["num_samples"])):
+                raise ValueError(
+                    f"--merge: the shards of {row['key']} ({budget_name}) hold answers "
+                    f"{len(indices)} answers, not each of 0..{first['num_samples'] - 1} once"
+                )
+            row["n"] = len(group)
+            row["cells"] = cells_of(group, first["bootstrap"], first["seed"])
+        budgets = {r["nfe_budget"] for r in rows}
+        if len(budgets) > 1:
+            raise ValueError(f"--merge: {budget_name} rows were run at budgets {budgets}")
+    settings = {**first, "wall_s": max(r["settings"]["wall_s"] for r in records)}
+    settings["dist_se"] = dist_se
+    settings["part_wall_s"] = [r["settings"]["wall_s"] for r in records]
+    settings["command"] = [r["settings"]["command"] for r in records] + [command]
+    for key in ("guide", "adapter"):
+        values = [r["settings"][key] for r in records if r["settings"][key] != "none"]
+        settings[key] = values[0] if values else "none"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}_samples.jsonl", "w") as samples:
+        for path in parts:
+            part_samples = Path(path).with_name(Path(path).stem + "_samples.jsonl")
+            if part_samples.is_file():
+                samples.write(part_samples.read_text())
+    return write(out, stem, settings["task"], tables, settings)
+
+
+def write(out: Path, stem: str, task: str, tables, settings) -> dict[str, Any]:
+    text = markdown(task, tables, settings)
+    print(text)
+    (out / f"{stem}.md").write_text(text + "\n")
+    record = {"settings": settings, "tables": tables}
+    (out / f"{stem}.json").write_text(json.dumps(finite(record), indent=1) + "\n")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    stem = args.name or f"{args.task}_table"
+    out = args.out if args.out is not None else Path("outputs/reward_smc_table")
+    command = "python experiments/reward_smc_table.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    if args.merge:
+        return merge(args.merge, out, stem, command, args.dist_se)
     start = time.perf_counter()
     probe = load_run(args.task, "best_of_n", args, None)
     denoiser, spec = load_model(probe.model, probe.tokenizer)
     budgets = BUDGETS if args.budget == "both" else (args.budget,)
-    stem = args.name or f"{args.task}_table"
-    out = args.out if args.out is not None else Path("outputs/reward_smc_table")
     out.mkdir(parents=True, exist_ok=True)
     guide_run = next((m for m in ("smc_grad", "prop_grad") if m in args.methods), None)
     guide = load_run(args.task, guide_run, args, None).guide if guide_run else None
@@ -449,9 +584,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tables[budget_name] = run_table(
                 args.task, budget_name, args, denoiser, spec.tokenizer, samples_file
             )
-    command = "python experiments/reward_smc_table.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
     adapter = args.adapter or ("embedded" if args.task == "sentiment" else "none")
     settings = {
         "command": command,
@@ -461,21 +593,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seq_len": probe.seq_len,
         "seed": args.seed,
         "bootstrap": args.bootstrap,
+        "dist_se": args.dist_se,
         "gen_ppl": args.gen_ppl,
         "reward": scorer_name(probe.reward),
         "holdout": scorer_name(probe.holdout),
         "guide": args.guide or (getattr(guide, "config", None) and guide.config.name) or "none",
         "adapter": adapter,
+        "shard": args.shard,
         "wall_s": time.perf_counter() - start,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)",
         "torch": torch.__version__,
     }
-    text = markdown(args.task, tables, settings)
-    print(text)
-    (out / f"{stem}.md").write_text(text + "\n")
-    record = {"settings": settings, "tables": tables}
-    (out / f"{stem}.json").write_text(json.dumps(finite(record), indent=1) + "\n")
-    return record
+    return write(out, stem, args.task, tables, settings)
 
 
 if __name__ == "__main__":

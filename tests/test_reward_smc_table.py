@@ -111,3 +111,36 @@ def test_the_toxicity_table_matches_budgets(tmp_path):
     assert rows["base"]["num_steps"] == 8 and rows["smc_grad"]["num_steps"] == 4
     assert {r["nfe_budget"] for r in rows.values()} == {8}
     _finite_cells(record)
+
+
+def _record(keys, wall_s):
+    settings = {
+        "command": f"part {keys}", "task": "toxicity", "num_samples": 2, "particles": 2,
+        "seq_len": 16, "seed": 0, "bootstrap": 20, "gen_ppl": False, "reward": "r",
+        "holdout": "h", "guide": "none", "adapter": "none", "wall_s": wall_s,
+        "machine": "cpu", "torch": "x",
+    }  # fmt: skip
+    rows = [
+        {"method": k, "key": k, "budget": "equal-steps", "nfe_budget": None, "num_steps": 4,
+         "cells": {"reward": {"value": 0.5, "se": 0.1}, "ess": {"value": 1.0, "se": None}}}
+        for k in keys
+    ]  # fmt: skip
+    return {"settings": settings, "tables": {"equal-steps": rows}}
+
+
+def test_merge_joins_parts_in_method_order(tmp_path):
+    parts = []
+    for name, keys, wall in (("a", ["smc_grad"], 30.0), ("b", ["base", "smc_base"], 20.0)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(_record(keys, wall)))
+        (tmp_path / f"{name}_samples.jsonl").write_text(json.dumps({"method": keys[0]}) + "\n")
+        parts.append(str(path))
+    record = table.main(["--merge", *parts, "--out", str(tmp_path / "m"), "--name", "t"])
+    assert [r["key"] for r in record["tables"]["equal-steps"]] == ["base", "smc_base", "smc_grad"]
+    assert record["settings"]["wall_s"] == 30.0
+    assert len((tmp_path / "m/t_samples.jsonl").read_text().splitlines()) == 2
+    assert "0.500 ± 0.100" in (tmp_path / "m/t.md").read_text()
+    clash = tmp_path / "c.json"
+    clash.write_text(json.dumps(_record(["smc_base"], 1.0)))
+    with pytest.raises(ValueError, match="appears twice"):
+        table.main(["--merge", parts[1], str(clash), "--out", str(tmp_path / "x")])
