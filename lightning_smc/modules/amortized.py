@@ -42,11 +42,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..methods import DenoiserProposalSpec, Method, RewardTiltSpec, build_sampler
 from ..models.lora import LoRADenoiser
+from ..potentials import get_twist_schedule
 from ..rewards import BaseReward
 from ..sampler import SMCSampler
 from ..sampling.output import SMCPath
 from ..smc import derive_seed
-from .log_variance import LogNormalizer, log_variance_loss, transition_log_weights
+from .log_variance import (
+    LogNormalizer,
+    log_variance_loss,
+    paired_twist_change,
+    transition_log_weights,
+)
 
 __all__ = [
     "AmortizedProposalModule",
@@ -57,7 +63,7 @@ __all__ = [
 
 
 #: integer keys of ``derive_seed`` for each source of randomness
-_STAGES = {"train": 0, "transitions": 1, "val": 2, "replay": 3}
+_STAGES = {"train": 0, "transitions": 1, "val": 2, "replay": 3, "paired": 4}
 
 
 class _Steps(Dataset):
@@ -89,8 +95,18 @@ class AmortizedProposalModule(L.LightningModule):
         log_normalizer: ``F_psi`` kind, ``"per_step"`` or ``"mlp"``.
         lr, normalizer_lr: learning rates of the adapter and of ``F_psi``.
         kl_weight: weight of ``KL(q_phi || p_theta)``.
+        twist_estimate: ``"rollout"``: the loss uses the twists the rollout recorded (one
+            independent ``r_hat`` per state, as the sampler draws them); ``"paired"``: it
+            re-estimates each transition's twist change with ``twist_samples`` x0 draws shared
+            by both states (``log_variance.paired_twist_change``): the same expected gradient,
+            with most of ``r_hat``'s Monte-Carlo noise removed.
+        twist_samples: x0 draws per state for ``"paired"`` (0: the most likely x0, deterministic).
         replay_size: 0 trains on-policy; > 0 keeps that many recent rollouts and draws every
             step's transitions uniformly from them.
+        init_adapter: start from a saved adapter (a folder written by ``save_adapter``;
+            ``"embedded"``: the packaged one) instead of a zero adapter: its LoRA weights (its own
+            rank and targets: ``lora_*`` and ``target_modules`` must be left at their defaults)
+            and its ``F_psi`` (same ``num_steps`` and ``log_normalizer`` kind).
         steps_per_epoch, seed: loop length per epoch and the seed of all randomness.
         export_dir: where ``on_fit_end`` writes the adapter (default ``<root>/adapter``).
     """
@@ -114,7 +130,10 @@ class AmortizedProposalModule(L.LightningModule):
         lr: float = 1e-4,
         normalizer_lr: float = 1e-2,
         kl_weight: float = 0.0,
+        twist_estimate: str = "rollout",
+        twist_samples: int = 1,
         replay_size: int = 0,
+        init_adapter: str | None = None,
         steps_per_epoch: int = 100,
         seed: int = 0,
         export_dir: str | None = None,
@@ -129,6 +148,15 @@ class AmortizedProposalModule(L.LightningModule):
             raise ValueError(f"transitions must be >= 1 or null (all), got {transitions}")
         if replay_size < 0 or kl_weight < 0:
             raise ValueError("replay_size and kl_weight must be >= 0")
+        if twist_estimate not in ("rollout", "paired"):
+            raise ValueError(
+                f"twist_estimate={twist_estimate!r}: choose 'rollout' (the rollout's own twists) "
+                "or 'paired' (re-estimated with common random numbers)"
+            )
+        if not isinstance(twist_samples, int) or twist_samples < 0:
+            raise ValueError(
+                f"twist_samples must be an int >= 0 (0: greedy x0), got {twist_samples!r}"
+            )
         self.save_hyperparameters(ignore=["reward", "base", "potential"])
         # as plain values: a checkpoint holds tensors and plain containers only (weights_only)
         self.hparams["potential"] = dataclasses.asdict(potential)
@@ -136,8 +164,11 @@ class AmortizedProposalModule(L.LightningModule):
         denoiser = self._load_base(base)
         for p in denoiser.parameters():
             p.requires_grad_(False)
-        self.q = LoRADenoiser(denoiser, lora_rank, lora_alpha, target_modules, lora_dropout)
         self.f_psi = LogNormalizer(num_steps, log_normalizer)
+        if init_adapter is None:
+            self.q = LoRADenoiser(denoiser, lora_rank, lora_alpha, target_modules, lora_dropout)
+        else:
+            self.q = self._start_from(denoiser, init_adapter)
         self.reward = reward
         self.method = Method(  # the rollouts' method: q_phi under the tilt (temperature 1, exact)
             name="rollout",
@@ -149,6 +180,31 @@ class AmortizedProposalModule(L.LightningModule):
         )
         self.rollout_sampler()  # builds the target now: bad settings fail here, not in fit
         self.replay: list[SMCPath] = []
+
+    def _start_from(self, denoiser: nn.Module, adapter: str) -> LoRADenoiser:
+        """``q_phi`` and ``F_psi`` from a saved adapter folder (trainable)."""
+        from ..models.files import read_safetensors
+        from ..models.loading import resolve_adapter
+
+        hp = self.hparams
+        defaults = {"lora_rank": 8, "lora_alpha": 16.0, "target_modules": None, "lora_dropout": 0.0}
+        changed = [k for k, v in defaults.items() if hp[k] != v]
+        if changed:
+            raise ValueError(
+                f"init_adapter={adapter!r} brings its own LoRA settings; leave {changed} at their "
+                "defaults (the adapter's adapter_config.json decides them)"
+            )
+        folder = resolve_adapter(adapter)
+        q = LoRADenoiser.from_adapter(denoiser, folder, trainable=True)
+        state = read_safetensors(folder / "f_psi.safetensors")
+        try:
+            self.f_psi.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"init_adapter={adapter!r}: its F_psi ({folder / 'f_psi.safetensors'}) does not fit "
+                f"num_steps={hp.num_steps}, log_normalizer={hp.log_normalizer!r}: {err}"
+            ) from None
+        return q
 
     @staticmethod
     def _load_base(base: Any) -> nn.Module:
@@ -213,13 +269,19 @@ class AmortizedProposalModule(L.LightningModule):
         return out.path
 
     # ------------------------------------------------------------------ loss
-    def loss_on(self, path: SMCPath) -> dict[str, Tensor]:
+    def loss_on(self, path: SMCPath, step: int | None = None) -> dict[str, Tensor]:
+        """The loss terms of the transitions in ``path`` (``step``: the global step whose seeds
+        the ``"paired"`` twist estimate uses; default the current one)."""
+        change = None
+        if self.hparams.twist_estimate == "paired":
+            change = self.paired_twist_change(path, self.global_step if step is None else step)
         log_w, kl = transition_log_weights(
             path,
             self.q.base_denoiser,
             self.q,
             self.q.mask_id,
             kl=self.hparams.kl_weight > 0,
+            twist_change=change,
         )
         offset = self.f_psi(path.step.to(self.device), path.t.to(self.device)).unsqueeze(1)
         loss = log_variance_loss(log_w, offset)
@@ -229,6 +291,32 @@ class AmortizedProposalModule(L.LightningModule):
             loss = loss + self.hparams.kl_weight * kl.mean()
         out["loss"] = loss
         return out
+
+    def paired_twist_change(self, path: SMCPath, step: int) -> Tensor:
+        """``log gamma_s - log gamma_t`` of every transition of ``path`` with common random
+        numbers (``log_variance.paired_twist_change``); row ``r``'s uniforms are seeded by
+        ``(seed, step, global row index)``, so every world size draws the same."""
+        hp = self.hparams
+        spec = self.method.potential
+        rank, _ = self._world()
+        R = path.x_from.shape[1]
+        generators = [
+            torch.Generator().manual_seed(
+                derive_seed(hp.seed, _STAGES["paired"], step, rank * R + r)
+            )
+            for r in range(R)
+        ]
+        return paired_twist_change(
+            path,
+            self.q.base_denoiser,
+            self.reward,
+            spec.alpha,
+            get_twist_schedule(spec.schedule),
+            hp.num_steps,
+            hp.twist_samples,
+            generators,
+            self.q.mask_id,
+        )
 
     def _pick_transitions(self, path: SMCPath) -> SMCPath:
         """On-policy: ``transitions`` random steps of the fresh rollout. With a replay buffer the
@@ -271,7 +359,7 @@ class AmortizedProposalModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         path = self.rollout("val", step=batch_idx)  # the same seeds at every validation
-        terms = self.loss_on(path)
+        terms = self.loss_on(path, step=batch_idx)
         for name in ("log_variance", "log_w_var"):
             self.log(f"val/{name}", terms[name], batch_size=self.hparams.rollouts, sync_dist=True)
 

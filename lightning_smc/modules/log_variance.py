@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..diffusion import inverse_cdf
 from ..sampling.context import output_log_probs
 from ..sampling.output import SMCPath
 
-__all__ = ["LogNormalizer", "log_variance_loss", "transition_log_weights"]
+__all__ = ["LogNormalizer", "log_variance_loss", "paired_twist_change", "transition_log_weights"]
 
 
 class LogNormalizer(nn.Module):
@@ -62,12 +63,15 @@ def transition_log_weights(
     mask_id: int,
     cond: Any = None,
     kl: bool = False,
+    twist_change: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``log w [K, R]`` of the ``K`` transitions in ``path`` (float64; differentiable in the
     proposal's parameters, not in the base's), and the mean ``KL(q || p)`` over the masked
     positions of each transition ``[K, R]`` when ``kl``.
 
-    ``base`` and ``proposal`` are denoisers; ``cond`` is per row ``[R, ...]`` (or ``None``)."""
+    ``base`` and ``proposal`` are denoisers; ``cond`` is per row ``[R, ...]`` (or ``None``).
+    ``twist_change [K, R]``: ``log gamma_s(x_s) - log gamma_t(x_t)`` estimated otherwise (e.g.
+    ``paired_twist_change``) instead of the twists the rollout recorded."""
     K, R, Lq = path.x_from.shape
     x_from = path.x_from.reshape(K * R, Lq)
     x_to = path.x_to.reshape(K * R, Lq)
@@ -82,7 +86,9 @@ def transition_log_weights(
     step_q = log_q.gather(-1, index).squeeze(-1).double()
     zero = torch.zeros((), dtype=torch.float64, device=x_from.device)
     log_ratio = torch.where(committed, step_p - step_q, zero).sum(-1)
-    log_w = (path.twist_to - path.twist_from).reshape(-1) + log_ratio
+    if twist_change is None:
+        twist_change = path.twist_to - path.twist_from
+    log_w = twist_change.to(log_ratio).reshape(-1) + log_ratio
     if not torch.isfinite(log_w).all():
         raise ValueError(
             "a transition has a non-finite log-weight: the proposal gives zero probability to a "
@@ -98,6 +104,62 @@ def transition_log_weights(
         divergence = (per_pos * masked).sum(-1) / masked.sum(-1).clamp_min(1)
         divergence = divergence.reshape(K, R)
     return log_w.reshape(K, R), divergence
+
+
+@torch.no_grad()
+def paired_twist_change(
+    path: SMCPath,
+    base: Any,
+    reward: Any,
+    alpha: float,
+    schedule: Any,
+    num_steps: int,
+    num_samples: int,
+    generators: list[torch.Generator],
+    mask_id: int,
+    cond: Any = None,
+) -> Tensor:
+    """``log gamma_s(x_s) - log gamma_t(x_t) [K, R]`` of the reward tilt's twist
+    ``log gamma = lambda(progress) r_hat / alpha``, ``r_hat = alpha log mean_m exp(r(x0_m) / alpha)``
+    over ``num_samples`` draws ``x0_m ~ p_theta(x0 | x)`` (0: the most likely ``x0``, no noise),
+    with **common random numbers**: the
+    draws for ``x_t`` and for ``x_s`` use the same uniform per (sample, position) (inverse CDF),
+    so ``x0`` differs between the two states mostly at the positions the transition committed.
+
+    Coupling the two draws leaves the expectation of each twist unchanged, so the log-variance
+    gradient (linear in the twist change) is unbiased as with independent draws; it removes most
+    of the Monte-Carlo noise of ``r_hat`` from the change, the part a proposal cannot learn.
+    ``generators``: one per row (``R``), for the uniforms. The last step's ``x_s`` is complete:
+    its twist is the exact final ``r(x_s) / alpha``, as in the sampler."""
+    K, R, Lq = path.x_from.shape
+    M = max(num_samples, 1)
+    if len(generators) != R:
+        raise ValueError(
+            f"paired_twist_change needs one generator per row ({R}), got {len(generators)}"
+        )
+    device = path.x_from.device
+    u = torch.stack([torch.rand(K, M, Lq, generator=g, dtype=torch.float64) for g in generators], 1)
+    change = torch.zeros(K, R, dtype=torch.float64, device=device)
+    for k in range(K):
+        step = int(path.step[k])
+        t = path.t[k].to(device).expand(R)
+        values = []
+        for end, x in enumerate((path.x_from[k], path.x_to[k])):
+            last = end == 1 and step + 1 >= num_steps
+            lam = 1.0 if last else float(schedule((step + end) / num_steps))
+            probs = output_log_probs(base, base(x, t, cond)).exp().double()  # [R, L, V]
+            x0 = x.unsqueeze(1).repeat(1, M, 1)  # [R, M, L]
+            where = (x == mask_id).unsqueeze(1).expand_as(x0)
+            if where.any() and num_samples == 0:  # greedy: the most likely token
+                x0[where] = probs.argmax(-1).unsqueeze(1).expand_as(x0)[where]
+            elif where.any():
+                rows = probs.unsqueeze(1).expand(-1, M, -1, -1)[where]
+                x0[where] = inverse_cdf(rows, u[k].to(device)[where])
+            r = reward(x0.reshape(R * M, Lq)).double().reshape(R, M).to(device)
+            r_hat = alpha * (torch.logsumexp(r / alpha, -1) - math.log(M))
+            values.append(lam * r_hat / alpha)
+        change[k] = values[1] - values[0]
+    return change
 
 
 def log_variance_loss(log_w: Tensor, log_normalizer: Tensor) -> Tensor:
