@@ -489,3 +489,25 @@ def test_init_adapter_starts_from_a_saved_adapter(tmp_path):
             num_steps=5,
             init_adapter=str(tmp_path / "adapter"),
         )
+
+
+def test_rollout_importance_ess_uses_the_samplers_own_path_weights():
+    """``is_ess`` (logged in training) is the ESS of the rollouts' path log-weights
+    ``r / alpha + sum [log p - log q]``; each rollout is an SMC run with one particle, so its
+    path log-weight is exactly the sampler's ``log Z-hat`` of that run. A perturbed adapter
+    (q != p) makes them differ from row to row."""
+    from lightning_smc.modules.amortized import _rollout_diagnostics
+    from lightning_smc.smc import ess
+
+    module = toy_module(potential=RewardTiltSpec(alpha=ALPHA, num_samples=1))
+    perturb(module.q)
+    with torch.no_grad():
+        out = module.rollout_sampler().sample(
+            6, generator=module._generators("val", 0), record_path=True
+        )
+        log_w, _ = transition_log_weights(out.path, module.q.base_denoiser, module.q, 5)
+    diag = _rollout_diagnostics(out.path, log_w, None, module.hparams)
+    R = out.log_normalizer.shape[0]
+    expected = ess(out.log_normalizer.double()) / R
+    assert 0 < float(expected) < 0.99
+    assert float(diag["is_ess"]) == pytest.approx(float(expected), rel=1e-5)

@@ -46,7 +46,7 @@ from ..potentials import get_twist_schedule
 from ..rewards import BaseReward
 from ..sampler import SMCSampler
 from ..sampling.output import SMCPath
-from ..smc import derive_seed
+from ..smc import derive_seed, ess
 from .log_variance import (
     LogNormalizer,
     log_variance_loss,
@@ -286,6 +286,8 @@ class AmortizedProposalModule(L.LightningModule):
         offset = self.f_psi(path.step.to(self.device), path.t.to(self.device)).unsqueeze(1)
         loss = log_variance_loss(log_w, offset)
         out = {"log_variance": loss.detach(), "log_w_var": log_w.detach().var(dim=1).mean()}
+        if path.x_from.shape[0] == self.hparams.num_steps:  # a whole rollout: its own weights
+            out.update(_rollout_diagnostics(path, log_w.detach(), change, self.hparams))
         if kl is not None:
             out["kl"] = kl.mean().detach()
             loss = loss + self.hparams.kl_weight * kl.mean()
@@ -345,8 +347,12 @@ class AmortizedProposalModule(L.LightningModule):
         return path.select(steps.to(path.x_from.device))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        path = self._pick_transitions(self.rollout("train"))
-        terms = self.loss_on(path)
+        path = self.rollout("train")
+        alpha = self.method.potential.alpha
+        terms = {
+            "rollout_reward": (alpha * path.twist_to[-1]).mean()
+        }  # exact final twist r / alpha
+        terms.update(self.loss_on(self._pick_transitions(path)))
         for name, value in terms.items():
             self.log(
                 f"train/{name}",
@@ -360,8 +366,12 @@ class AmortizedProposalModule(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         path = self.rollout("val", step=batch_idx)  # the same seeds at every validation
         terms = self.loss_on(path, step=batch_idx)
-        for name in ("log_variance", "log_w_var"):
-            self.log(f"val/{name}", terms[name], batch_size=self.hparams.rollouts, sync_dist=True)
+        terms["rollout_reward"] = (self.method.potential.alpha * path.twist_to[-1]).mean()
+        for name in ("log_variance", "log_w_var", "rollout_reward", "is_ess"):
+            if name in terms:
+                self.log(
+                    f"val/{name}", terms[name], batch_size=self.hparams.rollouts, sync_dist=True
+                )
 
     # ------------------------------------------------------------------ loop plumbing
     def train_dataloader(self) -> DataLoader:
@@ -405,6 +415,20 @@ class AmortizedProposalModule(L.LightningModule):
         state = {k: v.detach().cpu().contiguous() for k, v in self.f_psi.state_dict().items()}
         save_file(state, str(Path(directory) / "f_psi.safetensors"))
         return Path(directory)
+
+
+def _rollout_diagnostics(path: SMCPath, log_w: Tensor, change: Tensor | None, hp: Any) -> dict:
+    """For a path holding every transition of its rollouts: ``is_ess``, the effective sample
+    size / R of the rollouts as importance samples of the tilted target, from their path weights
+    ``r(x) / alpha + sum_k [log p - log q]`` (the recorded twists telescope to the exact final
+    twist; ``change`` is the twist change ``log_w`` was built with, if not the recorded one).
+    1 for the optimal proposal; it should rise as ``q_phi`` learns. (Only with on-policy
+    rollouts: with replay, the rows are other proposals' samples.)"""
+    if hp.replay_size:
+        return {}
+    used = change if change is not None else path.twist_to - path.twist_from
+    path_log_w = path.twist_to[-1] + (log_w - used.to(log_w)).sum(0)
+    return {"is_ess": ess(path_log_w.double()).to(torch.float32) / path_log_w.shape[0]}
 
 
 def _replayed(buffer: list[SMCPath], source: Tensor) -> SMCPath:
