@@ -499,7 +499,7 @@ def merge(
         if part_samples.is_file():
             for line in part_samples.read_text().splitlines():
                 answer = json.loads(line)
-                answers.setdefault((answer["budget"], answer.get("key")), []).append(answer)
+                answers.setdefault((answer.get("budget"), answer.get("key")), []).append(answer)
     tables: dict[str, list[dict]] = {}
     for record, path in zip(records, parts, strict=True):
         for budget_name, rows in record["tables"].items():

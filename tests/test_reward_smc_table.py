@@ -133,7 +133,8 @@ def test_merge_joins_parts_in_method_order(tmp_path):
     for name, keys, wall in (("a", ["smc_grad"], 30.0), ("b", ["base", "smc_base"], 20.0)):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(_record(keys, wall)))
-        (tmp_path / f"{name}_samples.jsonl").write_text(json.dumps({"method": keys[0]}) + "\n")
+        sample = {"budget": "equal-steps", "key": keys[0], "index": 0, "text": "a b"}
+        (tmp_path / f"{name}_samples.jsonl").write_text(json.dumps(sample) + "\n")
         parts.append(str(path))
     record = table.main(["--merge", *parts, "--out", str(tmp_path / "m"), "--name", "t"])
     assert [r["key"] for r in record["tables"]["equal-steps"]] == ["base", "smc_base", "smc_grad"]
@@ -144,3 +145,27 @@ def test_merge_joins_parts_in_method_order(tmp_path):
     clash.write_text(json.dumps(_record(["smc_base"], 1.0)))
     with pytest.raises(ValueError, match="appears twice"):
         table.main(["--merge", parts[1], str(clash), "--out", str(tmp_path / "x")])
+
+
+def test_merge_recomputes_the_cells_of_a_sharded_method(tmp_path):
+    parts = []
+    for rank, reward in ((0, 0.2), (1, 0.6)):
+        record = _record(["smc_base"], 10.0 + rank)
+        record["settings"]["shard"] = [rank, 2]
+        record["tables"]["equal-steps"][0]["sampling_s"] = 5.0
+        record["tables"]["equal-steps"][0]["total_s"] = 6.0
+        path = tmp_path / f"s{rank}.json"
+        path.write_text(json.dumps(record))
+        answer = {
+            "budget": "equal-steps", "key": "smc_base", "index": rank, "reward": reward,
+            "ess": 0.5, "nfe": 4.0, "seconds": 1.0, "text": f"word{rank} shared words here",
+        }  # fmt: skip
+        (tmp_path / f"s{rank}_samples.jsonl").write_text(json.dumps(answer) + "\n")
+        parts.append(str(path))
+    record = table.main(["--merge", *parts, "--out", str(tmp_path / "m"), "--name", "t"])
+    (row,) = record["tables"]["equal-steps"]
+    assert row["n"] == 2 and row["sampling_s"] == 10.0
+    assert row["cells"]["reward"] == {"value": pytest.approx(0.4), "se": pytest.approx(0.2)}
+    assert row["cells"]["dist1"]["value"] == pytest.approx(5 / 8)
+    with pytest.raises(ValueError, match="not each of 0..1 once"):
+        table.main(["--merge", parts[0], "--out", str(tmp_path / "x")])
