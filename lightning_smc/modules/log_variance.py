@@ -130,7 +130,10 @@ def paired_twist_change(
     gradient (linear in the twist change) is unbiased as with independent draws; it removes most
     of the Monte-Carlo noise of ``r_hat`` from the change, the part a proposal cannot learn.
     ``generators``: one per row (``R``), for the uniforms. The last step's ``x_s`` is complete:
-    its twist is the exact final ``r(x_s) / alpha``, as in the sampler."""
+    its twist is the exact final ``r(x_s) / alpha``, as in the sampler. ``x_s`` is scored at the
+    transition's time ``t`` (exact for denoisers without time conditioning, like MDLM's), except
+    that with greedy x0 a state shared with the next recorded step is scored once, at its time.
+    All states go through the base model and the reward in one batch each."""
     K, R, Lq = path.x_from.shape
     M = max(num_samples, 1)
     if len(generators) != R:
@@ -139,27 +142,50 @@ def paired_twist_change(
         )
     device = path.x_from.device
     u = torch.stack([torch.rand(K, M, Lq, generator=g, dtype=torch.float64) for g in generators], 1)
-    change = torch.zeros(K, R, dtype=torch.float64, device=device)
+    steps = path.step.tolist()
+    lam_from = [float(schedule(k / num_steps)) for k in steps]
+    lam_to = [1.0 if k + 1 >= num_steps else float(schedule((k + 1) / num_steps)) for k in steps]
+    # every state once: x_to[k] is x_from[k + 1] when the path holds consecutive steps, and with
+    # greedy x0 (no uniforms) its twist is then the same value
+    states = [path.x_from[k] for k in range(K)]
+    to_index = []
     for k in range(K):
-        step = int(path.step[k])
-        t = path.t[k].to(device).expand(R)
-        values = []
-        for end, x in enumerate((path.x_from[k], path.x_to[k])):
-            last = end == 1 and step + 1 >= num_steps
-            lam = 1.0 if last else float(schedule((step + end) / num_steps))
-            probs = output_log_probs(base, base(x, t, cond)).exp().double()  # [R, L, V]
-            x0 = x.unsqueeze(1).repeat(1, M, 1)  # [R, M, L]
-            where = (x == mask_id).unsqueeze(1).expand_as(x0)
-            if where.any() and num_samples == 0:  # greedy: the most likely token
-                x0[where] = probs.argmax(-1).unsqueeze(1).expand_as(x0)[where]
-            elif where.any():
-                rows = probs.unsqueeze(1).expand(-1, M, -1, -1)[where]
-                x0[where] = inverse_cdf(rows, u[k].to(device)[where])
-            r = reward(x0.reshape(R * M, Lq)).double().reshape(R, M).to(device)
-            r_hat = alpha * (torch.logsumexp(r / alpha, -1) - math.log(M))
-            values.append(lam * r_hat / alpha)
-        change[k] = values[1] - values[0]
-    return change
+        shared = (
+            num_samples == 0
+            and k + 1 < K
+            and steps[k + 1] == steps[k] + 1
+            and torch.equal(path.x_to[k], path.x_from[k + 1])
+        )
+        if shared:
+            to_index.append(k + 1)
+        else:
+            to_index.append(len(states))
+            states.append(path.x_to[k])
+    x = torch.stack(states)  # [S, R, L]
+    S = x.shape[0]
+    # state k < K is x_from[k] at time t[k]; the others are x_to of step k, also at t[k]
+    times = torch.stack([path.t[min(k, K - 1)] for k in range(S)]).to(device)
+    extra = [k for k in range(K) if to_index[k] >= K]
+    for n, k in enumerate(extra):
+        times[K + n] = path.t[k]
+    flat = x.reshape(S * R, Lq)
+    probs = output_log_probs(base, base(flat, times.repeat_interleave(R), cond)).exp().double()
+    x0 = flat.unsqueeze(1).repeat(1, M, 1)  # [S * R, M, L]
+    where = (flat == mask_id).unsqueeze(1).expand_as(x0)
+    if where.any() and num_samples == 0:  # greedy: the most likely token
+        x0[where] = probs.argmax(-1).unsqueeze(1).expand_as(x0)[where]
+    elif where.any():
+        # the uniforms of step k serve both of its states (common random numbers)
+        owner = list(range(K)) + extra
+        uniforms = u[torch.tensor(owner)].to(device).reshape(S * R, M, Lq)
+        rows = probs.unsqueeze(1).expand(-1, M, -1, -1)[where]
+        x0[where] = inverse_cdf(rows, uniforms[where])
+    r = reward(x0.reshape(S * R * M, Lq)).double().reshape(S, R, M).to(device)
+    r_hat = alpha * (torch.logsumexp(r / alpha, -1) - math.log(M))  # [S, R]
+    value_from = torch.tensor(lam_from, dtype=torch.float64, device=device)[:, None] * r_hat[:K]
+    index = torch.tensor(to_index, device=device)
+    value_to = torch.tensor(lam_to, dtype=torch.float64, device=device)[:, None] * r_hat[index]
+    return (value_to - value_from) / alpha
 
 
 def log_variance_loss(log_w: Tensor, log_normalizer: Tensor) -> Tensor:
