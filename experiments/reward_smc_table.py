@@ -528,7 +528,7 @@ def merge(
             indices = [a["index"] for a in group]
             if indices != list(range(first["num_samples"])):
                 raise ValueError(
-                    f"--merge: the shards of {row['key']} ({budget_name}) hold answers "
+                    f"--merge: the shards of {row['key']} ({budget_name}) hold "
                     f"{len(indices)} answers, not each of 0..{first['num_samples'] - 1} once"
                 )
             row["n"] = len(group)
