@@ -511,3 +511,23 @@ def test_rollout_importance_ess_uses_the_samplers_own_path_weights():
     expected = ess(out.log_normalizer.double()) / R
     assert 0 < float(expected) < 0.99
     assert float(diag["is_ess"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_batch_mean_baseline_gives_the_variance_gradient():
+    """With ``baseline="batch_mean"`` the adapter's gradient is that of the per-step sample
+    variance of log w (the batch mean detached), and F_psi's that of its own squared error."""
+    module = toy_module(baseline="batch_mean")
+    perturb(module.q)
+    path = module.rollout("val", step=0)
+    module.zero_grad()
+    module.loss_on(path)["loss"].backward()
+    got = [p.grad.clone() for p in module.q.adapter_parameters()]
+    module.zero_grad()
+    log_w, _ = transition_log_weights(path, module.q.base_denoiser, module.q, module.q.mask_id)
+    ((log_w - log_w.mean(dim=1, keepdim=True)) ** 2).mean().backward()
+    want = [p.grad for p in module.q.adapter_parameters()]
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert any(float(a.abs().max()) > 0 for a in got)
+    with pytest.raises(ValueError, match="baseline"):
+        toy_module(baseline="mean")

@@ -93,6 +93,11 @@ class AmortizedProposalModule(L.LightningModule):
         transitions: transitions per rollout used in the loss (sampled steps; ``None``: all).
         lora_rank, lora_alpha, target_modules, lora_dropout: the adapter.
         log_normalizer: ``F_psi`` kind, ``"per_step"`` or ``"mlp"``.
+        baseline: what ``q_phi``'s loss subtracts from ``log w``: ``"f_psi"`` (the learned
+            ``F_psi(t)``, the paper's loss) or ``"batch_mean"`` (the mean ``log w`` of the
+            batch's transitions at the same step, detached: the per-step sample variance of
+            ``log w``, "VarGrad"; it never lags behind as a slowly learned ``F_psi`` does while
+            ``q_phi`` moves). ``F_psi`` is trained either way (its own squared error) and saved.
         lr, normalizer_lr: learning rates of the adapter and of ``F_psi``.
         kl_weight: weight of ``KL(q_phi || p_theta)``.
         twist_estimate: ``"rollout"``: the loss uses the twists the rollout recorded (one
@@ -127,6 +132,7 @@ class AmortizedProposalModule(L.LightningModule):
         target_modules: Sequence[str] | None = None,
         lora_dropout: float = 0.0,
         log_normalizer: str = "per_step",
+        baseline: str = "f_psi",
         lr: float = 1e-4,
         normalizer_lr: float = 1e-2,
         kl_weight: float = 0.0,
@@ -148,6 +154,11 @@ class AmortizedProposalModule(L.LightningModule):
             raise ValueError(f"transitions must be >= 1 or null (all), got {transitions}")
         if replay_size < 0 or kl_weight < 0:
             raise ValueError("replay_size and kl_weight must be >= 0")
+        if baseline not in ("f_psi", "batch_mean"):
+            raise ValueError(
+                f"baseline={baseline!r}: choose 'f_psi' (learned F_psi(t)) or 'batch_mean' "
+                "(the batch's mean log w per step)"
+            )
         if twist_estimate not in ("rollout", "paired"):
             raise ValueError(
                 f"twist_estimate={twist_estimate!r}: choose 'rollout' (the rollout's own twists) "
@@ -286,6 +297,10 @@ class AmortizedProposalModule(L.LightningModule):
         offset = self.f_psi(path.step.to(self.device), path.t.to(self.device)).unsqueeze(1)
         loss = log_variance_loss(log_w, offset)
         out = {"log_variance": loss.detach(), "log_w_var": log_w.detach().var(dim=1).mean()}
+        if self.hparams.baseline == "batch_mean":
+            # q_phi against the batch's own per-step mean; F_psi fitted to log w on its own
+            mean = log_w.detach().mean(dim=1, keepdim=True)
+            loss = log_variance_loss(log_w, mean) + log_variance_loss(log_w.detach(), offset)
         if path.x_from.shape[0] == self.hparams.num_steps:  # a whole rollout: its own weights
             out.update(_rollout_diagnostics(path, log_w.detach(), change, self.hparams))
         if kl is not None:
