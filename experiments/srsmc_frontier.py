@@ -265,36 +265,32 @@ def write_report(out: Path, args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+STYLE = {
+    "temperature": dict(color="tab:blue", marker="o"),
+    "top-p": dict(color="tab:green", marker="s"),
+    "SR-SMC N=4": dict(color="tab:red", marker="D"),
+    "SR-SMC N=8": dict(color="tab:purple", marker="^"),
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    style = {
-        "temperature": dict(color="tab:blue", marker="o"),
-        "top-p": dict(color="tab:green", marker="s"),
-        "SR-SMC N=4": dict(color="tab:red", marker="D"),
-        "SR-SMC N=8": dict(color="tab:purple", marker="^"),
-    }
-    fig, ax = plt.subplots(figsize=(8.5, 6))
+def _draw(ax, rows: list[dict], tag_all: bool) -> None:
+    """One series per family and budget (equal NFE: hollow markers, dashed)."""
     for family in FAMILIES:
         for budget in ("equal steps", "equal NFE"):
             series = [r for r in rows if r["family"] == family and r["budget"] == budget]
-            series = [r for r in series if "gen_ppl" in r]
+            series = sorted((r for r in series if "gen_ppl" in r), key=lambda r: r["entropy"])
             if not series:
                 continue
-            series.sort(key=lambda r: r["entropy"])
-            hollow = budget == "equal NFE"
-            label = family if family in ("temperature", "top-p") else f"{family}, {budget}"
-            if family in ("temperature", "top-p"):
-                label += " (64 steps, NFE 64)"
+            hollow, base = budget == "equal NFE", family in ("temperature", "top-p")
+            if base:
+                label = f"{family} (N=1, {series[0]['steps']} steps, NFE {series[0]['nfe']})"
             elif budget == "equal steps":
-                label += f" (NFE {series[0]['nfe']})"
+                label = (
+                    f"{family}, equal steps ({series[0]['steps']} steps, NFE {series[0]['nfe']})"
+                )
             else:
-                label += f" ({series[0]['steps']} steps, NFE {series[0]['nfe']})"
-            st = style[family]
+                label = f"{family}, equal NFE ({series[0]['steps']} steps, NFE {series[0]['nfe']})"
+            st = STYLE[family]
             ax.errorbar(
                 [r["entropy"] for r in series], [r["gen_ppl"] for r in series],
                 xerr=[r["entropy_se"] for r in series], yerr=[r["gen_ppl_se"] for r in series],
@@ -302,25 +298,53 @@ def plot(rows: list[dict], path: Path) -> None:
                 linestyle="--" if hollow else "-", markerfacecolor="white" if hollow else st["color"],
                 label=label,
             )  # fmt: skip
-            for r in series:
+            if not (tag_all or base):
+                continue
+            for i, r in enumerate(series):
                 tag = (
                     f"T={r['temperature']}" if family == "temperature"
                     else f"p={r['top_p']}" if family == "top-p" else f"β={r['beta']}"
                 )  # fmt: skip
+                stagger = -12 - 11 * (i % 2) if hollow else 4  # neighbours: alternate rows
+                offset = (-34, 4) if family == "temperature" else (6, stagger)
                 ax.annotate(tag, (r["entropy"], r["gen_ppl"]), textcoords="offset points",
-                            xytext=(5, -12 if hollow else 4), fontsize=8,
-                            color=st["color"])  # fmt: skip
+                            xytext=offset, fontsize=8, color=st["color"])  # fmt: skip
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("unigram entropy per sample (nats)  — higher = more diverse")
-    ax.set_ylabel("generative perplexity, SmolLM2-135M (log scale)  — lower = better")
+    fmt = matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+    ax.set_xlabel("unigram entropy per sample (nats); higher = more diverse")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Left: every point; right: a zoom on the SR-SMC / top-p points (tagged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 6.2))
+    _draw(ax, rows, tag_all=False)
+    _draw(zoom, rows, tag_all=True)
+    ax.set_ylabel("generative perplexity, SmolLM2-135M (log scale); lower = better")
     n = rows[0]["n"]
     ax.set_title(f"Embedded MDLM, {n} answers x {rows[0]['seq_len']} tokens per point (± 1 SE)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left")
+    others = [r for r in rows if r["family"] != "temperature" and "gen_ppl" in r] or rows
+    x = [r["entropy"] for r in others]
+    y = [r["gen_ppl"] for r in others if "gen_ppl" in r] or [1.0]
+    zoom.set_xlim(min(x) - 0.06, max(x) + 0.06)
+    zoom.set_ylim(min(y) * 0.8, max(y) * 1.2)
+    zoom.set_title("zoom on the SR-SMC and top-p points")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
