@@ -23,6 +23,7 @@ __all__ = [
     "ASSETS",
     "EMBEDDED",
     "EMBEDDED_ADAPTER",
+    "EMBEDDED_TOXICITY_REWARD",
     "EMBEDDED_REWARD",
     "load_denoiser",
     "load_model",
@@ -37,10 +38,12 @@ __all__ = [
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: the embedded base model (MDLM on Shakespeare) and its tokenizer
 EMBEDDED = ASSETS / "mdlm_tiny"
-#: the amortized sentiment proposal (LoRA) of the embedded model, trained by configs/quickstart.yaml
+#: the amortized sentiment proposal (LoRA) of the embedded model (configs/amortized/sentiment_tiny.yaml)
 EMBEDDED_ADAPTER = ASSETS / "sentiment_adapter_tiny"
 #: the learned sentiment reward (imitates VADER) on the embedded model's vocabulary
 EMBEDDED_REWARD = ASSETS / "sentiment_reward_tiny"
+#: the learned toxicity surrogate (imitates ProfanityToxicity), for SMCgrad on toxicity
+EMBEDDED_TOXICITY_REWARD = ASSETS / "toxicity_reward_tiny"
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.loading import EMBEDDED_REWARD, read_json, read_safetensors
+from ..models.loading import EMBEDDED_REWARD, EMBEDDED_TOXICITY_REWARD, read_json, read_safetensors
 from .base import BaseReward, check_reward_output
 
 __all__ = [
@@ -288,8 +288,10 @@ class LearnedReward(nn.Module, BaseReward):
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "embedded") -> LearnedReward:
-        """Load a ``save_pretrained`` directory (``"embedded"``: the shipped sentiment reward)."""
-        directory = EMBEDDED_REWARD if str(path) == "embedded" else Path(path)
+        """Load a ``save_pretrained`` directory (``"embedded"``: the shipped sentiment reward;
+        ``"embedded_toxicity"``: the shipped toxicity surrogate)."""
+        packaged = {"embedded": EMBEDDED_REWARD, "embedded_toxicity": EMBEDDED_TOXICITY_REWARD}
+        directory = packaged.get(str(path), Path(path))
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         if not config_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(
