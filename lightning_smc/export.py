@@ -1,5 +1,8 @@
 """``python -m lightning_smc.export``: a Lightning checkpoint -> a Hugging Face directory.
 
+(For an ``AmortizedProposalModule`` run: the adapter folder, peft format plus ``F_psi``, as
+its ``on_fit_end`` writes it, from any intermediate checkpoint.)
+
     python -m lightning_smc.export --config outputs/mdlm_tiny/config.yaml \\
         --ckpt outputs/mdlm_tiny/checkpoints/last.ckpt --out lightning_smc/assets/mdlm_tiny
 
@@ -65,8 +68,12 @@ def export(config: Path, ckpt: Path, out: Path, raw: bool = False) -> Path:
         cfg = yaml.safe_load(config.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"--config {config} is not valid YAML: {err}") from None
-    denoiser_node = _node(cfg, config, "model", "init_args", "denoiser")
-    data_node = _node(cfg, config, "data")
+    amortized = str(_node(cfg, config, "model").get("class_path", "")).endswith(
+        "AmortizedProposalModule"
+    )
+    if not amortized:
+        denoiser_node = _node(cfg, config, "model", "init_args", "denoiser")
+        data_node = _node(cfg, config, "data")
     state = read_checkpoint(ckpt)
     key = "current_model_state" if raw else "state_dict"
     if not isinstance(state, dict) or not isinstance(state.get(key), dict):
@@ -80,6 +87,8 @@ def export(config: Path, ckpt: Path, out: Path, raw: bool = False) -> Path:
             f"--ckpt {ckpt} was saved before the first optimizer step (global_step=0): its "
             "weights are the random initialization, not a trained denoiser; nothing exported"
         )
+    if amortized:
+        return _export_adapter(cfg["model"], state[key], ckpt, config, out)
     weights = {k[len("denoiser.") :]: v for k, v in state[key].items() if k.startswith("denoiser.")}
     denoiser = build(denoiser_node)
     try:
@@ -92,6 +101,25 @@ def export(config: Path, ckpt: Path, out: Path, raw: bool = False) -> Path:
     denoiser.save_pretrained(out)
     save_tokenizer(build(data_node).tokenizer, out)
     return Path(out)
+
+
+def _export_adapter(node: dict, weights: dict, ckpt: Path, config: Path, out: Path) -> Path:
+    """An ``AmortizedProposalModule`` checkpoint -> its adapter folder (``save_adapter``)."""
+    from .methods import RewardTiltSpec
+
+    args = dict(node.get("init_args") or {})
+    potential = args.get("potential")
+    if isinstance(potential, dict) and "class_path" not in potential:  # plain fields
+        args["potential"] = RewardTiltSpec(**potential)
+    args.pop("init_adapter", None)  # the checkpoint holds the trained weights
+    module = build({"class_path": node["class_path"], "init_args": args})
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--ckpt {ckpt}: its weights do not fit the module of --config {config}: {err}"
+        ) from None
+    return module.save_adapter(out)
 
 
 def main(argv: list[str] | None = None) -> None:
