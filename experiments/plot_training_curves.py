@@ -22,12 +22,15 @@ PANELS = [
 ]
 
 
-def read_columns(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{column: [(step, value), ...]}`` of the non-empty cells of a Lightning metrics.csv."""
+def read_columns(path: Path, max_step: int | None = None) -> dict[str, list[tuple[int, float]]]:
+    """``{column: [(step, value), ...]}`` of the non-empty cells of a Lightning metrics.csv
+    (rows up to ``max_step`` when given)."""
     columns: dict[str, list[tuple[int, float]]] = {}
     with path.open() as handle:
         for row in csv.DictReader(handle):
             step = int(row["step"])
+            if max_step is not None and step > max_step:
+                continue
             for key, value in row.items():
                 if key in ("step", "epoch") or value in ("", None):
                     continue
@@ -52,13 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("csv", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--window", type=int, default=10, help="moving average, in log rows")
+    parser.add_argument("--max-step", type=int, default=None, help="plot rows up to this step")
     args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = read_columns(args.csv)
+    columns = read_columns(args.csv, args.max_step)
     missing = [key for key, _ in PANELS if key not in columns]
     if missing:
         raise SystemExit(f"{args.csv} has no column(s) {missing}; is it an amortized run's log?")
