@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
