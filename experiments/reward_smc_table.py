@@ -212,13 +212,17 @@ def config_path(task: str, name: str, adapter: str | None) -> tuple[Path, list[s
     return folder / f"{name}.yaml", extra
 
 
+#: names ``LearnedReward.from_pretrained`` resolves to packaged folders (not paths)
+PACKAGED_REWARDS = ("embedded", "embedded_toxicity")
+
+
 def guide_override(path: Path, guide: str | None) -> list[str]:
     """``--guide`` pointing at ``guide`` (a learned-reward folder), or at the config's own guide
     folder made absolute (configs name it relative to the repository root)."""
     if guide is None:
         spec = (yaml.safe_load(path.read_text()) or {}).get("guide")
         folder = ((spec or {}).get("init_args") or {}).get("path")
-        if folder is None or folder == "embedded" or Path(folder).is_absolute():
+        if folder is None or folder in PACKAGED_REWARDS or Path(folder).is_absolute():
             return []
         guide = str(ROOT / folder)
     spec = {"class_path": "lightning_smc.rewards.PretrainedLearnedReward"}

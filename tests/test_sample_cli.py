@@ -114,7 +114,7 @@ def test_model_and_prompt_overrides_replace_the_old_checkpoint_mode(checkpoint, 
                       "--out", str(tmp_path)])  # fmt: skip
     records = read_jsonl(tmp_path / "samples.jsonl")
     assert len(records) == 3 and all(r["text"].startswith("To be") for r in records)
-    assert set(summaries["SR-SMC"]) == {"particles", "steps", "entropy"}
+    assert set(summaries["SR-SMC"]) == {"particles", "steps", "entropy", "entropy_se"}
 
 
 def test_checkpoint_round_trip_matches_tokenizer(checkpoint):
