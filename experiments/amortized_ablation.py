@@ -165,29 +165,12 @@ def evaluate(module: AmortizedProposalModule, seeds: int, particles: int) -> dic
             proposal=DenoiserProposalSpec() if n > 1 else None,
             resample_when=resample,
         )
-        if n == 1:  # the proposal alone: sample from q_phi as the model
-            result = run_method(
-                method,
-                module.q,
-                None,
-                num_samples=seeds,
-                reward=reward,
-                seq_len=module.hparams.seq_len,
-                batch_size=seeds,
-                seed=7,
-            )
-        else:
-            result = run_method(
-                method,
-                base,
-                None,
-                num_samples=seeds,
-                reward=reward,
-                seq_len=module.hparams.seq_len,
-                batch_size=seeds,
-                seed=7,
-                amortized=module.q,
-            )
+        # n == 1: the proposal alone (q_phi as the model); else SMC with q_phi as proposal
+        result = run_method(
+            method, module.q if n == 1 else base, None, num_samples=seeds, reward=reward,
+            seq_len=module.hparams.seq_len, batch_size=seeds, seed=7,
+            amortized=None if n == 1 else module.q,
+        )  # fmt: skip
         metrics[f"{name}_reward"] = mean_se(result.reward)
         if n > 1:
             metrics["smc_ess"] = float(result.ess)  # already ESS / N

@@ -442,8 +442,11 @@ def test_greedy_paired_twist_is_deterministic_and_training_runs(tmp_path):
     assert torch.isfinite(module.f_psi.values).all()
     with pytest.raises(ValueError, match="twist_estimate"):
         toy_module(twist_estimate="fresh")
-    with pytest.raises(ValueError, match="twist_samples"):
-        toy_module(twist_estimate="paired", twist_samples=-1)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="twist_samples"):
+            toy_module(twist_estimate="paired", twist_samples=bad)
+    with pytest.raises(FileNotFoundError, match="no_such_adapter"):
+        toy_module(init_adapter="no_such_adapter", lora_rank=8)
 
 
 def toy_base():

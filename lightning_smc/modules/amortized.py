@@ -164,7 +164,11 @@ class AmortizedProposalModule(L.LightningModule):
                 f"twist_estimate={twist_estimate!r}: choose 'rollout' (the rollout's own twists) "
                 "or 'paired' (re-estimated with common random numbers)"
             )
-        if not isinstance(twist_samples, int) or twist_samples < 0:
+        if (
+            isinstance(twist_samples, bool)
+            or not isinstance(twist_samples, int)
+            or twist_samples < 0
+        ):
             raise ValueError(
                 f"twist_samples must be an int >= 0 (0: greedy x0), got {twist_samples!r}"
             )
