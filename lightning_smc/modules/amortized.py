@@ -51,6 +51,7 @@ from .log_variance import (
     LogNormalizer,
     log_variance_loss,
     paired_twist_change,
+    sibling_log_weights,
     transition_log_weights,
 )
 
@@ -63,7 +64,7 @@ __all__ = [
 
 
 #: integer keys of ``derive_seed`` for each source of randomness
-_STAGES = {"train": 0, "transitions": 1, "val": 2, "replay": 3, "paired": 4}
+_STAGES = {"train": 0, "transitions": 1, "val": 2, "replay": 3, "paired": 4, "siblings": 5}
 
 
 class _Steps(Dataset):
@@ -97,7 +98,13 @@ class AmortizedProposalModule(L.LightningModule):
             ``F_psi(t)``, the paper's loss) or ``"batch_mean"`` (the mean ``log w`` of the
             batch's transitions at the same step, detached: the per-step sample variance of
             ``log w``, "VarGrad"; it never lags behind as a slowly learned ``F_psi`` does while
-            ``q_phi`` moves). ``F_psi`` is trained either way (its own squared error) and saved.
+            ``q_phi`` moves), or ``"per_state"``: ``siblings`` draws of every transition from
+            the same state and positions, each ``log w`` against their mean
+            (``log_variance.sibling_log_weights``): the only baseline whose minimum is the
+            locally optimal proposal itself (needs ``unmasking="ancestral"`` and
+            ``twist_estimate="paired"``; the siblings' twists use ``twist_samples``).
+            ``F_psi`` is trained either way (its own squared error) and saved.
+        siblings: draws per transition for ``baseline="per_state"`` (>= 2).
         lr, normalizer_lr: learning rates of the adapter and of ``F_psi``.
         kl_weight: weight of ``KL(q_phi || p_theta)``.
         twist_estimate: ``"rollout"``: the loss uses the twists the rollout recorded (one
@@ -133,6 +140,7 @@ class AmortizedProposalModule(L.LightningModule):
         lora_dropout: float = 0.0,
         log_normalizer: str = "per_step",
         baseline: str = "f_psi",
+        siblings: int = 4,
         lr: float = 1e-4,
         normalizer_lr: float = 1e-2,
         kl_weight: float = 0.0,
@@ -154,11 +162,22 @@ class AmortizedProposalModule(L.LightningModule):
             raise ValueError(f"transitions must be >= 1 or null (all), got {transitions}")
         if replay_size < 0 or kl_weight < 0:
             raise ValueError("replay_size and kl_weight must be >= 0")
-        if baseline not in ("f_psi", "batch_mean"):
+        if baseline not in ("f_psi", "batch_mean", "per_state"):
             raise ValueError(
-                f"baseline={baseline!r}: choose 'f_psi' (learned F_psi(t)) or 'batch_mean' "
-                "(the batch's mean log w per step)"
+                f"baseline={baseline!r}: choose 'f_psi' (learned F_psi(t)), 'batch_mean' "
+                "(the batch's mean log w per step) or 'per_state' (siblings of each transition)"
             )
+        if baseline == "per_state":
+            if isinstance(siblings, bool) or not isinstance(siblings, int) or siblings < 2:
+                raise ValueError(
+                    f"siblings must be an int >= 2 for baseline='per_state', got {siblings!r}"
+                )
+            if unmasking != "ancestral" or twist_estimate != "paired":
+                raise ValueError(
+                    "baseline='per_state' draws siblings on the recorded positions, which needs "
+                    f"unmasking='ancestral' (got {unmasking!r}) and twist_estimate='paired' "
+                    f"(got {twist_estimate!r}; the siblings' twists use twist_samples)"
+                )
         if twist_estimate not in ("rollout", "paired"):
             raise ValueError(
                 f"twist_estimate={twist_estimate!r}: choose 'rollout' (the rollout's own twists) "
@@ -287,6 +306,8 @@ class AmortizedProposalModule(L.LightningModule):
     def loss_on(self, path: SMCPath, step: int | None = None) -> dict[str, Tensor]:
         """The loss terms of the transitions in ``path`` (``step``: the global step whose seeds
         the ``"paired"`` twist estimate uses; default the current one)."""
+        if self.hparams.baseline == "per_state":
+            return self._sibling_loss(path, self.global_step if step is None else step)
         change = None
         if self.hparams.twist_estimate == "paired":
             change = self.paired_twist_change(path, self.global_step if step is None else step)
@@ -306,10 +327,52 @@ class AmortizedProposalModule(L.LightningModule):
             mean = log_w.detach().mean(dim=1, keepdim=True)
             loss = log_variance_loss(log_w, mean) + log_variance_loss(log_w.detach(), offset)
         if path.x_from.shape[0] == self.hparams.num_steps:  # a whole rollout: its own weights
-            out.update(_rollout_diagnostics(path, log_w.detach(), change, self.hparams))
+            used = change if change is not None else path.twist_to - path.twist_from
+            out.update(_rollout_diagnostics(path, log_w.detach() - used.to(log_w), self.hparams))
         if kl is not None:
             out["kl"] = kl.mean().detach()
             loss = loss + self.hparams.kl_weight * kl.mean()
+        out["loss"] = loss
+        return out
+
+    def _sibling_loss(self, path: SMCPath, step: int) -> dict[str, Tensor]:
+        """``baseline="per_state"``: the mean within-state sample variance of the siblings'
+        ``log w`` for ``q_phi``, ``F_psi``'s squared error on the recorded transitions."""
+        hp = self.hparams
+        spec = self.method.potential
+        rank, _ = self._world()
+        R = path.x_from.shape[1]
+        generators = [
+            torch.Generator().manual_seed(
+                derive_seed(hp.seed, _STAGES["siblings"], step, rank * R + r)
+            )
+            for r in range(R)
+        ]
+        log_w, log_ratio = sibling_log_weights(
+            path,
+            self.q.base_denoiser,
+            self.q,
+            self.reward,
+            spec.alpha,
+            get_twist_schedule(spec.schedule),
+            hp.num_steps,
+            hp.siblings,
+            hp.twist_samples,
+            generators,
+            self.q.mask_id,
+        )
+        J = log_w.shape[-1]
+        spread = ((log_w - log_w.detach().mean(-1, keepdim=True)) ** 2).sum(-1) / (J - 1)
+        recorded = log_w[..., 0].detach()
+        offset = self.f_psi(path.step.to(self.device), path.t.to(self.device)).unsqueeze(1)
+        loss = spread.mean() + log_variance_loss(recorded, offset)
+        out = {
+            "log_variance": log_variance_loss(recorded, offset).detach(),
+            "log_w_var": recorded.var(dim=1).mean(),
+            "sibling_var": spread.detach().mean(),
+        }
+        if path.x_from.shape[0] == hp.num_steps:
+            out.update(_rollout_diagnostics(path, log_ratio, hp))
         out["loss"] = loss
         return out
 
@@ -386,7 +449,7 @@ class AmortizedProposalModule(L.LightningModule):
         path = self.rollout("val", step=batch_idx)  # the same seeds at every validation
         terms = self.loss_on(path, step=batch_idx)
         terms["rollout_reward"] = (self.method.potential.alpha * path.twist_to[-1]).mean()
-        for name in ("log_variance", "log_w_var", "rollout_reward", "is_ess"):
+        for name in ("log_variance", "log_w_var", "sibling_var", "rollout_reward", "is_ess"):
             if name in terms:
                 self.log(
                     f"val/{name}", terms[name], batch_size=self.hparams.rollouts, sync_dist=True
@@ -436,17 +499,16 @@ class AmortizedProposalModule(L.LightningModule):
         return Path(directory)
 
 
-def _rollout_diagnostics(path: SMCPath, log_w: Tensor, change: Tensor | None, hp: Any) -> dict:
+def _rollout_diagnostics(path: SMCPath, log_ratio: Tensor, hp: Any) -> dict:
     """For a path holding every transition of its rollouts: ``is_ess``, the effective sample
     size / R of the rollouts as importance samples of the tilted target, from their path weights
-    ``r(x) / alpha + sum_k [log p - log q]`` (the recorded twists telescope to the exact final
-    twist; ``change`` is the twist change ``log_w`` was built with, if not the recorded one).
+    ``r(x) / alpha + sum_k [log p - log q]`` (``log_ratio [K, R]``: the transitions'
+    ``log p - log q`` sums; the twists telescope to the exact final twist).
     1 for the optimal proposal; it should rise as ``q_phi`` learns. (Only with on-policy
     rollouts: with replay, the rows are other proposals' samples.)"""
     if hp.replay_size:
         return {}
-    used = change if change is not None else path.twist_to - path.twist_from
-    path_log_w = path.twist_to[-1] + (log_w - used.to(log_w)).sum(0)
+    path_log_w = path.twist_to[-1] + log_ratio.sum(0)
     return {"is_ess": ess(path_log_w.double()).to(torch.float32) / path_log_w.shape[0]}
 
 

@@ -23,7 +23,13 @@ from ..diffusion import inverse_cdf
 from ..sampling.context import output_log_probs
 from ..sampling.output import SMCPath
 
-__all__ = ["LogNormalizer", "log_variance_loss", "paired_twist_change", "transition_log_weights"]
+__all__ = [
+    "LogNormalizer",
+    "log_variance_loss",
+    "paired_twist_change",
+    "sibling_log_weights",
+    "transition_log_weights",
+]
 
 
 class LogNormalizer(nn.Module):
@@ -168,24 +174,157 @@ def paired_twist_change(
     extra = [k for k in range(K) if to_index[k] >= K]
     for n, k in enumerate(extra):
         times[K + n] = path.t[k]
-    flat = x.reshape(S * R, Lq)
-    probs = output_log_probs(base, base(flat, times.repeat_interleave(R), cond)).exp().double()
-    x0 = flat.unsqueeze(1).repeat(1, M, 1)  # [S * R, M, L]
-    where = (flat == mask_id).unsqueeze(1).expand_as(x0)
-    if where.any() and num_samples == 0:  # greedy: the most likely token
-        x0[where] = probs.argmax(-1).unsqueeze(1).expand_as(x0)[where]
-    elif where.any():
-        # the uniforms of step k serve both of its states (common random numbers)
+    uniforms = None
+    if num_samples:  # the uniforms of step k serve both of its states (common random numbers)
         owner = list(range(K)) + extra
         uniforms = u[torch.tensor(owner)].to(device).reshape(S * R, M, Lq)
-        rows = probs.unsqueeze(1).expand(-1, M, -1, -1)[where]
-        x0[where] = inverse_cdf(rows, uniforms[where])
-    r = reward(x0.reshape(S * R * M, Lq)).double().reshape(S, R, M).to(device)
-    r_hat = alpha * (torch.logsumexp(r / alpha, -1) - math.log(M))  # [S, R]
+    r_hat = _twist_values(
+        x.reshape(S * R, Lq),
+        times.repeat_interleave(R),
+        base,
+        reward,
+        alpha,
+        mask_id,
+        uniforms,
+        num_samples,
+        cond,
+    ).reshape(S, R)
     value_from = torch.tensor(lam_from, dtype=torch.float64, device=device)[:, None] * r_hat[:K]
     index = torch.tensor(to_index, device=device)
     value_to = torch.tensor(lam_to, dtype=torch.float64, device=device)[:, None] * r_hat[index]
     return (value_to - value_from) / alpha
+
+
+def _twist_values(
+    states: Tensor,
+    times: Tensor,
+    base: Any,
+    reward: Any,
+    alpha: float,
+    mask_id: int,
+    uniforms: Tensor | None,
+    num_samples: int,
+    cond: Any = None,
+) -> Tensor:
+    """``r_hat [S]`` of ``states [S, L]``: ``alpha log mean_m exp(r(x0_m) / alpha)`` over x0 draws
+    from the base at ``times [S]`` (``uniforms [S, M, L]`` by inverse CDF), or ``r(argmax x0)``
+    when ``num_samples`` is 0 (``uniforms`` unused). A complete state is its own x0."""
+    S, Lq = states.shape
+    M = max(num_samples, 1)
+    probs = output_log_probs(base, base(states, times, cond)).exp().double()
+    x0 = states.unsqueeze(1).repeat(1, M, 1)  # [S, M, L]
+    where = (states == mask_id).unsqueeze(1).expand_as(x0)
+    if where.any() and num_samples == 0:  # greedy: the most likely token
+        x0[where] = probs.argmax(-1).unsqueeze(1).expand_as(x0)[where]
+    elif where.any():
+        rows = probs.unsqueeze(1).expand(-1, M, -1, -1)[where]
+        x0[where] = inverse_cdf(rows, uniforms[where])
+    r = reward(x0.reshape(S * M, Lq)).double().reshape(S, M).to(states.device)
+    return alpha * (torch.logsumexp(r / alpha, -1) - math.log(M))
+
+
+def sibling_log_weights(
+    path: SMCPath,
+    base: Any,
+    proposal: Any,
+    reward: Any,
+    alpha: float,
+    schedule: Any,
+    num_steps: int,
+    siblings: int,
+    twist_samples: int,
+    generators: list[torch.Generator],
+    mask_id: int,
+    cond: Any = None,
+) -> tuple[Tensor, Tensor]:
+    """``log w [K, R, siblings]`` of ``siblings`` draws of each recorded transition
+    ``x_t -> x_s``: the same ``x_t`` and the same committed positions ``C`` (ancestral
+    unmasking chooses them independently of the tokens, under ``p_theta`` and ``q_phi`` alike),
+    the tokens at ``C`` drawn afresh from ``q_phi`` (sibling 0 is the recorded ``x_s``), each
+    weighted by ``log gamma_s(x_s) - log gamma_t(x_t) + sum_C [log p_theta - log q_phi]``
+    (differentiable in ``q_phi``), and the recorded transitions' ``log p - log q`` sums
+    ``[K, R]`` (detached).
+
+    Within one ``(x_t, C)`` the log-weights differ only by ``log q*(x_s | x_t, C) - log q_phi``
+    with ``q*`` the locally optimal proposal given ``C``: their sample variance (the
+    "per_state" baseline of ``AmortizedProposalModule``) is zero exactly when ``q_phi = q*``, and
+    its gradient is, in expectation, that of ``KL(q_phi || q*)``; a baseline that does not depend
+    on ``x_t`` (``F_psi(t)``, a batch mean) instead also rewards a ``q_phi`` that spoils its own
+    match to offset how much ``E_p[gamma_s | x_t]`` varies between states.
+    Twists as in ``paired_twist_change``: greedy x0 with ``twist_samples`` 0, else that many
+    draws whose uniforms are shared by the siblings of a transition (common random numbers).
+    ``generators``: one per row, for the siblings' tokens and the twists' uniforms."""
+    K, R, Lq = path.x_from.shape
+    J = siblings
+    if J < 2:
+        raise ValueError(f"siblings must be >= 2 (a per-state variance), got {J}")
+    if len(generators) != R:
+        raise ValueError(
+            f"sibling_log_weights needs one generator per row ({R}), got {len(generators)}"
+        )
+    device = path.x_from.device
+    N = K * R
+    x_from = path.x_from.reshape(N, Lq)
+    x_to = path.x_to.reshape(N, Lq)
+    t = path.t.to(device).repeat_interleave(R)
+    rows_cond = _repeat_cond(cond, K)
+    with torch.no_grad():
+        log_p = output_log_probs(base, base(x_from, t, rows_cond))
+    log_q = output_log_probs(proposal, proposal(x_from, t, rows_cond))
+    committed = (x_from == mask_id) & (x_to != mask_id)  # [N, L]
+    # sibling tokens: one uniform per (sibling, position), row r from generators[r]
+    M = max(twist_samples, 1)
+    draws = torch.stack(
+        [torch.rand(K, J, Lq + M * Lq, generator=g, dtype=torch.float64) for g in generators], 1
+    ).to(device)  # [K, R, J, L + M L]
+    u_tok = draws[..., :Lq].reshape(N, J, Lq)
+    children = x_to.unsqueeze(1).repeat(1, J, 1)  # [N, J, L]
+    fresh = committed.unsqueeze(1).expand_as(children).clone()
+    fresh[:, 0] = False  # sibling 0: the recorded x_s
+    if fresh.any():
+        probs = log_q.detach().exp().unsqueeze(1).expand(-1, J, -1, -1)[fresh]
+        children[fresh] = inverse_cdf(probs, u_tok[fresh])
+    index = children.clamp_max(log_p.shape[-1] - 1)  # [N, J, L]
+    step_p = log_p.unsqueeze(1).expand(-1, J, -1, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    step_q = log_q.unsqueeze(1).expand(-1, J, -1, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    where = committed.unsqueeze(1).expand_as(children)
+    log_ratio = torch.where(where, step_p.double() - step_q.double(), zero).sum(-1)  # [N, J]
+    # twists: x_t once, then the J children (at the transition's time, as paired_twist_change)
+    steps = path.step.tolist()
+    lam_from = torch.tensor([float(schedule(k / num_steps)) for k in steps], dtype=torch.float64)
+    lam_to = torch.tensor(
+        [1.0 if k + 1 >= num_steps else float(schedule((k + 1) / num_steps)) for k in steps],
+        dtype=torch.float64,
+    )
+    uniforms = None
+    if twist_samples:
+        u_twist = draws[..., Lq:].reshape(N, 1, M, Lq)
+        uniforms = u_twist.expand(-1, J + 1, -1, -1).reshape(N * (J + 1), M, Lq)
+    states = torch.cat([x_from.unsqueeze(1), children], 1).reshape(N * (J + 1), Lq)
+    with torch.no_grad():
+        r_hat = _twist_values(
+            states,
+            t.repeat_interleave(J + 1),
+            base,
+            reward,
+            alpha,
+            mask_id,
+            uniforms,
+            twist_samples,
+            _repeat_cond(rows_cond, J + 1) if rows_cond is not None else None,
+        ).reshape(K, R, J + 1)
+    change = (
+        lam_to.to(device)[:, None, None] * r_hat[..., 1:]
+        - lam_from.to(device)[:, None, None] * r_hat[..., :1]
+    ) / alpha
+    log_w = change + log_ratio.reshape(K, R, J)
+    if not torch.isfinite(log_w).all():
+        raise ValueError(
+            "a sibling transition has a non-finite log-weight: the base gives zero probability "
+            "to a token the proposal drew"
+        )
+    return log_w, log_ratio.detach().reshape(K, R, J)[..., 0]
 
 
 def log_variance_loss(log_w: Tensor, log_normalizer: Tensor) -> Tensor:
