@@ -212,11 +212,21 @@ def test_shared_sampler_expands_cond_per_row_and_draws_only_codebook_ids():
     assert len(seen) == 4 and all(s.tolist() == [2, 2, 0, 0] for s in seen)
 
 
-def test_shared_sampler_with_text_conditioning():
+def test_shared_sampler_expands_a_text_cond_dict_per_row():
     model = MeissonicTransformer.from_pretrained(GOLDENS / "monetico_tiny" / "transformer")
     g = golden("monetico_tiny")
+    seen = []
+    forward = model.forward
+    model.forward = lambda x, enc, pooled, *a: (
+        seen.append((enc, pooled)) or forward(x, enc, pooled, *a)
+    )
     denoiser = MeissonicDenoiser(model, grid_shape=(3, 5))
     out = ls.SMCSampler(denoiser, num_particles=2, num_steps=3, unmasking="random").sample(
         15, batch_size=2, cond=text_cond(g), generator=torch.Generator().manual_seed(1)
     )
     assert out.tokens.shape == (2, 2, 15) and out.tokens.max() < model.config.codebook_size
+    rows = torch.tensor([0, 0, 1, 1])  # particle row -> prompt
+    assert len(seen) == 3
+    for enc, pooled in seen:
+        assert torch.equal(enc, g["encoder_hidden_states"][rows])
+        assert torch.equal(pooled, g["pooled_projections"][rows])

@@ -155,8 +155,13 @@ class MeissonicTransformer(ModelMixin, ConfigMixin):
         ).reshape(B, -1)
         c = self.cond_embed(torch.cat([pooled_projections, micro], dim=1).to(self.dtype))
         timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1)
+        if timestep.numel() not in (1, B):
+            raise ValueError(
+                f"timestep must be a number, [1] or [{B}], got {timestep.numel()} values"
+            )
         temb = self.time_text_embed(timestep.to(self.dtype) * 1000, c)
-        context = self.encoder_proj_layer_norm(self.context_embedder(encoder_hidden_states))
+        context = self.context_embedder(encoder_hidden_states.to(self.dtype))
+        context = self.encoder_proj_layer_norm(context)
         h = self.down_block(self.embed(hidden_states))  # [B, D, h, w]
         _, _, height, width = h.shape
         h = self.project_to_hidden(self.project_to_hidden_norm(h.flatten(2).transpose(1, 2)))
@@ -244,7 +249,7 @@ def _check_config(D: int, pooled_dim: int, head_dim: int, axes: tuple[int, ...],
             f"attention_head_dim={head_dim}"
         )
     if guidance:
-        raise ValueError("guidance_embeds=True is not supported (no Meissonic checkpoint uses it)")
+        raise ValueError("guidance_embeds=True is not supported (Meissonic trains without it)")
 
 
 def _check_config_ids(vocab_size: int, codebook_size: int, down: bool, up: bool) -> None:
@@ -421,9 +426,10 @@ class MeissonicDenoiser(CodebookDenoiser):
         transformer: a ``MeissonicTransformer`` (text) or ``MeissonicClassTransformer``.
         grid_shape: ``(H, W)`` of the token grid.
         timestep: how the sampler's ``t`` becomes the network's ``timestep``:
-            ``"mask_fraction"`` (default, the training convention): ``1000 * (masked share of
-            the row)``, independent of ``t``; ``"step_index"`` (the reference pipeline):
-            ``round(num_steps * t) - 1``, i.e. ``T - 1 .. 0`` over the sampler's steps.
+            ``"mask_fraction"`` (default, the convention of the reference's training script,
+            ``1000 * mask ratio``): ``1000 * (masked share of the row)``, independent of ``t``;
+            ``"step_index"`` (the reference pipeline, hence the one the Hub checkpoints are
+            sampled with): ``round(num_steps * t) - 1``, i.e. ``T - 1 .. 0`` over the steps.
         num_steps: the sampler's ``num_steps``; required by ``"step_index"``.
 
     ``cond`` (expanded per particle row by the sampler): for text, a dict of

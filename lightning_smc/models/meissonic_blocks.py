@@ -81,6 +81,11 @@ class JointAttention(nn.Module):
         return self.to_out[1](self.to_out[0](out[:, S:])), self.to_add_out(out[:, :S])
 
 
+def _clip_half(h: Tensor) -> Tensor:
+    """Keep float16 activations finite where the reference does (after each block's residual)."""
+    return h.clip(-65504, 65504) if h.dtype == torch.float16 else h
+
+
 class JointBlock(nn.Module):
     """MMDiT block: AdaLN-Zero attention + gated MLP on the image and on the text stream."""
 
@@ -107,7 +112,7 @@ class JointBlock(nn.Module):
         context = self._mlp(
             context, self.norm2_context, self.ff_context, c_shift_m, c_scale_m, c_gate_m
         )
-        return h, context
+        return h, _clip_half(context)
 
 
 class SingleBlock(nn.Module):
@@ -125,7 +130,7 @@ class SingleBlock(nn.Module):
         """``h [B, S + N, D]``, ``temb [B, D]`` -> ``[B, S + N, D]``."""
         nh, gate = self.norm(h, emb=temb)
         both = torch.cat([self.attn(nh, rope), self.act_mlp(self.proj_mlp(nh))], dim=2)
-        return h + gate[:, None] * self.proj_out(both)
+        return _clip_half(h + gate[:, None] * self.proj_out(both))
 
 
 class TokenEmbed(nn.Module):
@@ -160,15 +165,16 @@ class Resample(nn.Module):
 
     def __init__(self, dim: int, down: bool = False, up: bool = False):
         super().__init__()
-        norm = {"norm_type": "rms_norm", "eps": EPS, "elementwise_affine": True, "bias": False}
+        # RMSNorm on the channels first; the convolutions have no bias
+        common = {"norm_type": "rms_norm", "eps": EPS, "elementwise_affine": True, "bias": False}
         self.downsample = (
-            Downsample2D(dim, use_conv=True, padding=0, name="Conv2d_0", kernel_size=2, **norm)
+            Downsample2D(dim, use_conv=True, padding=0, name="Conv2d_0", kernel_size=2, **common)
             if down
             else None
         )
         self.upsample = (
             Upsample2D(
-                dim, use_conv_transpose=True, kernel_size=2, padding=0, interpolate=False, **norm
+                dim, use_conv_transpose=True, kernel_size=2, padding=0, interpolate=False, **common
             )
             if up
             else None
