@@ -166,6 +166,28 @@ def test_timestep_conventions():
     ]
     with pytest.raises(ValueError, match="needs num_steps"):
         MeissonicDenoiser(model, (2, 2), timestep="step_index")
+    # logits that depend on t may not be cached across steps; mask_fraction ones may
+    ls.SMCSampler(MeissonicDenoiser(model, (2, 2)), cache=True)
+    with pytest.raises(ValueError, match="time conditioning"):
+        ls.SMCSampler(
+            MeissonicDenoiser(model, (2, 2), timestep="step_index", num_steps=4), cache=True
+        )
+
+
+def test_lora_adapter_on_the_default_targets_starts_at_the_base_model():
+    torch.manual_seed(0)
+    model = MeissonicClassTransformer(num_classes=3, vocab_size=9, codebook_size=8).eval()
+    denoiser = MeissonicDenoiser(model, (4, 4))
+    x_t, t, labels = torch.randint(0, 9, (2, 16)), torch.ones(2), torch.tensor([0, 3])
+    with torch.no_grad():
+        before = denoiser(x_t, t, labels)
+    lora = ls.LoRADenoiser(denoiser, rank=2)
+    adapted = {n.split(".lora_A.")[0] for n, _ in lora.peft.named_parameters() if ".lora_A." in n}
+    for target in MeissonicDenoiser.lora_target_modules:  # every default target is adapted
+        assert any(name.endswith("." + target) for name in adapted), target
+    assert len(lora.adapter_parameters()) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x_t, t, labels), before)  # zero-initialised B
 
 
 def test_class_conditional_variant_null_class_and_round_trip(tmp_path):

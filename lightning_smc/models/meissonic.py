@@ -432,11 +432,29 @@ class MeissonicDenoiser(CodebookDenoiser):
             sampled with): ``round(num_steps * t) - 1``, i.e. ``T - 1 .. 0`` over the steps.
         num_steps: the sampler's ``num_steps``; required by ``"step_index"``.
 
+    ``time_conditioning`` is ``True`` only for ``"step_index"``: with ``"mask_fraction"`` the
+    logits depend on ``x_t`` alone, so the sampler's logit cache (``cache=True``) is allowed.
+
     ``cond`` (expanded per particle row by the sampler): for text, a dict of
     ``encoder_hidden_states [B, S, joint_attention_dim]``, ``pooled_projections [B, P]`` and
     ``micro_conds [B, 5]``; for classes, labels ``[B]`` (or ``{'class_labels': [B]}``, optionally
     with ``micro_conds``), label ``num_classes`` or ``cond=None`` being the null class.
     """
+
+    #: default LoRA targets (``LoRADenoiser``): the attention projections of every block and the
+    #: single-stream MLP (``proj_out`` also matches nothing else: the output head is a conv)
+    lora_target_modules = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "proj_mlp",
+        "proj_out",
+    )
 
     def __init__(
         self,
@@ -463,6 +481,7 @@ class MeissonicDenoiser(CodebookDenoiser):
             mask_id=config.vocab_size - 1,
             grid_shape=grid_shape,
         )
+        self.time_conditioning = timestep == "step_index"
 
     @property
     def transformer(self) -> MeissonicTransformer:
