@@ -140,7 +140,7 @@ QUIET = dict(
 )
 
 
-def fit(dm, steps: int, ckpt_dir: Path | None = None, resume: str | None = None, init: int = 0):
+def fit(dm, steps: int, root: Path, ckpt_dir=None, resume: str | None = None, init: int = 0):
     # dead_below 0.95 with decay 0.95: a code unused for two steps (average 0.9025) is restarted
     module = VQPretraining(
         small_tokenizer(init), lr=3e-3, warmup_steps=1, restart_every=2, dead_below=0.95, seed=0
@@ -151,6 +151,7 @@ def fit(dm, steps: int, ckpt_dir: Path | None = None, resume: str | None = None,
         max_steps=steps,
         callbacks=callbacks,
         enable_checkpointing=ckpt_dir is not None,
+        default_root_dir=root,  # the tokenizer is exported to <root>/vq at the end of fit
         **QUIET,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
@@ -162,10 +163,13 @@ def fit(dm, steps: int, ckpt_dir: Path | None = None, resume: str | None = None,
 @needs_data
 def test_training_resumes_exactly_from_last_ckpt(tmp_path):
     dm = FashionMNISTDataModule(batch_size=8, max_train=64, seed=0)
-    fit(dm, steps=2, ckpt_dir=tmp_path)  # interrupted after two steps (mid-epoch)
-    assert (tmp_path / "last.ckpt").is_file()
-    resumed, _ = fit(dm, steps=4, resume=str(tmp_path / "last.ckpt"), init=1)  # init overridden
-    straight, logged = fit(dm, steps=4)
+    fit(
+        dm, steps=2, root=tmp_path, ckpt_dir=tmp_path / "ckpt"
+    )  # interrupted after two steps (mid-epoch)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    resumed, _ = fit(dm, steps=4, root=tmp_path, resume=str(last), init=1)  # init overridden
+    straight, logged = fit(dm, steps=4, root=tmp_path)
+    assert VQTokenizer.from_pretrained(tmp_path / "vq").grid_shape == (7, 7)  # the export
     assert float(logged["train/restarted_codes"]) > 0  # the seeded restart ran at step 2
     assert resumed.keys() == straight.keys()
     for k in straight:
