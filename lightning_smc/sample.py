@@ -17,6 +17,14 @@ method the steps that spend ``B`` network evaluations per answer. Answers go to 
 (``samples.jsonl``, one line per answer, and ``summary.json``, written atomically by rank zero);
 ``main(argv)`` returns the summaries ``{method: {metric: value}}``.
 
+**Image models.** A config whose ``model`` is an image model (``embedded_image``,
+``random_tiny_image`` or a folder written by ``ImagePretraining``; ``configs/methods/images/``)
+draws one image per class label instead: ``--prompt`` is a class (id or name) for every sample,
+``--prompts`` a file of classes, else labels cycle over the classes for ``num_samples``;
+``seq_len`` is the token grid's ``h * w``. ``--out`` then gets ``samples.npz`` (tokens, images,
+labels, log-weights, ESS), ``grid_<method>.png`` (and ``strip_<method>.png``: one sample's
+particles around its first resample) and ``summary.json`` (``evaluation.images``); one process.
+
 Under ``torchrun`` each rank samples a block of the prompts, metrics are reduced across ranks and
 rank zero writes the files, identical to one process's. Nothing non-finite is ever written: a
 NaN or infinite value is an error naming the method and the metric. The exact toy demo lives in
@@ -342,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = _parse(parser, argv)
     options = SampleOptions(**{f.name: cfg[f.name] for f in fields(SampleOptions)})
     runs = resolve_runs(parser, argv, cfg)
+    if _image_runs(runs):
+        return _sample_images(runs, options)
     names = parse_metric_names(options.metrics) if options.metrics else None
     defaults = SAMPLE_METRICS
     if options.gen_ppl:  # adds gen_ppl to --metrics, or to the defaults
@@ -372,6 +382,41 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     finally:
         if created:
             dist.destroy()
+
+
+def _image_runs(runs: list[_Run]) -> bool:
+    """Whether the runs are on image models (all of them; a mixture is an error)."""
+    from .models.image import is_image_model
+
+    kinds = {is_image_model(run.config.model) for run in runs}
+    if len(kinds) > 1:
+        raise SampleUsageError("--compare mixes image and text models: compare one kind at a time")
+    return kinds == {True}
+
+
+def _sample_images(runs: list[_Run], options: SampleOptions) -> dict[str, dict[str, float]]:
+    """Image models: PNG grids, ``samples.npz`` and ``summary.json`` in ``--out``."""
+    from .evaluation.images import run_image_config, write_image_outputs
+    from .evaluation.report import summary_table
+    from .methods import match_budget
+
+    if options.metrics or options.gen_ppl:
+        raise SampleUsageError("--metrics / --gen_ppl are text metrics; image runs report ESS")
+    results = []
+    for run in runs:
+        if options.nfe_budget is not None:
+            run.config.method = match_budget(run.config.method, options.nfe_budget)
+        try:
+            result = run_image_config(run.config, options.device, options.prompt)
+        except (ValueError, FileNotFoundError) as err:
+            raise SampleUsageError(f"{run.label}: {err}") from err
+        if any(r.name == result.name for r in results):
+            result.name = f"{result.name} ({run.label})"
+        results.append(result)
+    summaries = write_image_outputs(options.out, results)
+    title = f"{len(results)} image method(s); samples in {Path(options.out) / 'samples.npz'}"
+    Console().print(summary_table(title, summaries))
+    return summaries
 
 
 def _sample(prepared, options: SampleOptions, dist, evaluate) -> dict[str, dict[str, float]]:

@@ -47,6 +47,18 @@ SMOKE = [
     "--data.init_args.seq_len",
     "32",
 ]
+# Image configs (Fashion-MNIST): a few images; a random VQ stands in for a trained one.
+IMAGE_SMOKE = [
+    *SMOKE[:12],
+    "--data.init_args.max_train",
+    "8",
+    "--data.init_args.val_size",
+    "8",
+    "--data.init_args.batch_size",
+    "4",
+]
+RANDOM_VQ = ["--model.init_args.vq", '{"class_path": "lightning_smc.models.vq.VQTokenizer"}']
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # Reward configs keep their base model's tokenizer (its vocabulary is the reward's): no BPE.
 REWARD_SMOKE = [
     x
@@ -107,6 +119,10 @@ def test_config_smoke_runs(config, tmp_path, monkeypatch):
     smoke = SMOKE
     if config.parent.name == "reward":  # a learned reward on a base model's tokenizer: no denoiser
         smoke, shrink = REWARD_SMOKE, []
+    if "FashionMNISTDataModule" in config.read_text():
+        if not FMNIST.is_file():
+            pytest.skip("Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+        smoke, shrink = IMAGE_SMOKE, RANDOM_VQ if "ImagePretraining" in config.read_text() else []
     if config.name == "quickstart.yaml" or config.parent.name == "amortized":
         smoke, shrink = SMOKE[:12], AMORTIZED_SHRINK  # rollouts of the sampler: no data module
         if "kuleshov-group" in config.read_text():  # at scale: hub model and classifiers

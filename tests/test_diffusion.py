@@ -23,7 +23,7 @@ from lightning_smc.diffusion import (
 )
 
 Z_MAX = 5.0
-SCHEDULES = ["linear", "cosine", "loglinear"]
+SCHEDULES = ["linear", "cosine", "maskgit_cosine", "loglinear"]
 POLICIES = sorted(UNMASKING_POLICIES)
 
 

@@ -5,8 +5,12 @@
   entropy, Dist-n, ESS, log Ẑ mean / variance, resamples, overtakes, NFE, seconds) per method,
   reduced across DDP ranks; with W&B also tables, ESS traces and weight histograms; at the end
   of fitting prints a table and writes ``eval.json``.
+- ``ImageEvaluation``: at validation, runs named ``Method``s on a class-conditional image model
+  for fixed labels and seeds and logs class accuracy, ESS (and FID / IS when requested) per
+  method, an image grid per method and a strip of one prompt's particles around a resample.
 """
 
+from .image_eval import ImageEvaluation
 from .reward_eval import RewardEvaluation
 
-__all__ = ["RewardEvaluation"]
+__all__ = ["ImageEvaluation", "RewardEvaluation"]

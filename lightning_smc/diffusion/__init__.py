@@ -5,7 +5,14 @@ tokens carry over unchanged."""
 
 from .categorical import gumbel_max, inverse_cdf, proposal_log_probs, sample_categorical
 from .remasking import ReMDM, transition_log_prob
-from .schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, Schedule, get_schedule
+from .schedules import (
+    CosineSchedule,
+    LinearSchedule,
+    LogLinearSchedule,
+    MaskGITCosineSchedule,
+    Schedule,
+    get_schedule,
+)
 from .unmasking import (
     UNMASKING_POLICIES,
     Ancestral,
@@ -25,6 +32,7 @@ __all__ = [
     "LinearSchedule",
     "LogLinearSchedule",
     "LowConfidence",
+    "MaskGITCosineSchedule",
     "RandomUnmasking",
     "ReMDM",
     "Schedule",

@@ -5,12 +5,16 @@ Convention (DESIGN.md §3): ``t ∈ [0, 1]``, ``t = 1`` fully masked, ``alpha`` 
 ``(alpha(s) - alpha(t)) / (1 - alpha(t))`` (``Schedule.unmask_probability``).
 
 - ``LinearSchedule``:    ``alpha(t) = 1 - t``
-- ``CosineSchedule``:    ``alpha(t) = cos(pi t / 2)``
+- ``CosineSchedule``:    ``alpha(t) = cos(pi t / 2)`` (MDLM's cosine noise)
+- ``MaskGITCosineSchedule``: ``alpha(t) = 1 - sin(pi t / 2)``: the masked share ``sin(pi t / 2)``
+  is MaskGIT's / Meissonic's ``cos(pi r / 2)`` at progress ``r = 1 - t`` (few tokens early, many
+  late); training masks ``cos(pi u / 2)`` of a grid with ``u ~ U(0, 1)``, the same law
 - ``LogLinearSchedule``: MDLM's log-linear noise ``sigma(t) = -log(1 - (1 - eps) t)``, so
   ``alpha(t) = exp(-sigma(t)) = 1 - (1 - eps) t`` (``alpha(1) = eps``, which keeps the ELBO
   weight ``-alpha'(t) / (1 - alpha(t)) = 1 / t`` finite near 1; the sampler starts fully masked).
 
-``get_schedule(name)`` returns one by name (``"linear"``, ``"cosine"``, ``"loglinear"``).
+``get_schedule(name)`` returns one by name (``"linear"``, ``"cosine"``, ``"maskgit_cosine"``,
+``"loglinear"``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CosineSchedule", "LinearSchedule", "LogLinearSchedule", "Schedule", "get_schedule"]
+__all__ = [
+    "CosineSchedule",
+    "LinearSchedule",
+    "LogLinearSchedule",
+    "MaskGITCosineSchedule",
+    "Schedule",
+    "get_schedule",
+]
 
 
 class Schedule:
@@ -61,6 +72,12 @@ class CosineSchedule(Schedule):
 
 
 @dataclass(frozen=True)
+class MaskGITCosineSchedule(Schedule):
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1.0 - torch.sin(0.5 * math.pi * t)
+
+
+@dataclass(frozen=True)
 class LogLinearSchedule(Schedule):
     eps: float = 1e-3
 
@@ -74,7 +91,12 @@ class LogLinearSchedule(Schedule):
         return (1.0 - self.eps) / ((1.0 - self.eps) * t).clamp_min(1e-12)
 
 
-SCHEDULES = {"linear": LinearSchedule, "cosine": CosineSchedule, "loglinear": LogLinearSchedule}
+SCHEDULES = {
+    "linear": LinearSchedule,
+    "cosine": CosineSchedule,
+    "maskgit_cosine": MaskGITCosineSchedule,
+    "loglinear": LogLinearSchedule,
+}
 
 
 def get_schedule(name: str | Schedule) -> Schedule:

@@ -10,6 +10,7 @@ spec (``class_path``)       builds                                              
 ==========================  ==================================================  ===========
 ``RewardTiltSpec``          ``RewardTilt(reward, alpha, schedule, num_samples)``  ``tilt``
 ``SelfRewardSpec``          ``SelfReward(beta)``                                ``self_reward``
+``ProductTargetSpec``       ``ProductTarget(weight, second_cond)`` (CFG)        ``product``
 ``GradientProposalSpec``    ``GradientProposal(guide or the tilt's reward,      ``gradient``
                             alpha, schedule, tau, scale, correct)``
 ``DenoiserProposalSpec``    ``DenoiserProposal(amortized, correct)``, or         ``amortized``
@@ -63,6 +64,7 @@ from .specs import (
     DenoiserProposalSpec,
     GradientProposalSpec,
     PotentialSpec,
+    ProductTargetSpec,
     ProposalSpec,
     RewardTiltSpec,
     SelfRewardSpec,
@@ -77,6 +79,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "PotentialSpec",
+    "ProductTargetSpec",
     "ProposalSpec",
     "RewardTiltSpec",
     "SelfRewardSpec",

@@ -36,7 +36,9 @@ class Method:
     Args:
         name: label in logs and tables.
         num_particles, num_steps, unmasking, block_length, temperature, top_p, resampling,
-            ess_threshold, resample_when, confidence_threshold, cache: as in ``SMCSampler``.
+            ess_threshold, resample_when, schedule, confidence_threshold, cache: as in
+            ``SMCSampler`` (``schedule``: ``alpha(t)`` of ``ancestral`` / ``remdm``, e.g.
+            ``maskgit_cosine`` for image-token models).
         potential: ``None`` (the plain target), a ``PotentialSpec`` or its registry name.
         proposal: ``None`` (the base kernel), a ``ProposalSpec`` or its registry name; it
             steers towards a reward, so it needs ``RewardTiltSpec``.
@@ -54,11 +56,12 @@ class Method:
     block_length: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    potential: PotentialSpec | Literal["tilt", "self_reward"] | None = None
+    potential: PotentialSpec | Literal["tilt", "self_reward", "product"] | None = None
     proposal: ProposalSpec | Literal["gradient", "amortized"] | None = None
     resampling: Resampling = "systematic"
     ess_threshold: float | None = None  # None: 0.5 (SMCSampler); not with resample_when
     resample_when: str | None = None
+    schedule: Literal["linear", "cosine", "maskgit_cosine", "loglinear"] = "linear"
     confidence_threshold: float = 0.9
     select: Literal["weight", "reward"] = "weight"
     cache: bool = False
@@ -160,6 +163,7 @@ def build_sampler(
         resampling=method.resampling,
         ess_threshold=method.ess_threshold,
         resample_when=method.resample_when,
+        schedule=method.schedule,
         confidence_threshold=method.confidence_threshold,
         cache=method.cache,
         progress_bar=progress_bar,

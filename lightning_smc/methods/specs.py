@@ -16,7 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..potentials import Potential, RewardTilt, SelfReward
+import torch
+
+from ..potentials import Potential, ProductTarget, RewardTilt, SelfReward
 from ..proposals import DenoiserProposal, GradientProposal, Proposal
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "DenoiserProposalSpec",
     "GradientProposalSpec",
     "PotentialSpec",
+    "ProductTargetSpec",
     "ProposalSpec",
     "RewardTiltSpec",
     "SelfRewardSpec",
@@ -92,6 +95,30 @@ class SelfRewardSpec(PotentialSpec):
 
 
 @dataclass(frozen=True)
+class ProductTargetSpec(PotentialSpec):
+    """``ProductTarget(weight, second_cond)``: target ``p1^w p2^(1 - w)`` with ``p2`` the same
+    denoiser under ``second_cond``: classifier-free guidance ``u + w (c - u)`` for ``w > 1``
+    (Meissonic's guidance scale is ``w``). ``second_cond``: a class label given to every prompt
+    (e.g. a class-conditional model's null class), or ``None``: the denoiser called with
+    ``cond=None`` (its unconditional input; a ``MeissonicDenoiser``'s null class)."""
+
+    weight: float = 1.5
+    second_cond: int | None = None
+    target: ClassVar[type] = ProductTarget
+
+    def build(self, *, denoiser: Any, reward: Any, guide: Any, amortized: Any) -> Potential:
+        second = None
+        if self.second_cond is not None:  # [1]: shared by every prompt (StepContext.expand)
+            device = (
+                next(iter(denoiser.parameters())).device
+                if hasattr(denoiser, "parameters")
+                else None
+            )
+            second = torch.tensor([self.second_cond], dtype=torch.long, device=device)
+        return ProductTarget(self.weight, second_cond=second)
+
+
+@dataclass(frozen=True)
 class GradientProposalSpec(ProposalSpec):
     """``GradientProposal(reward, alpha, schedule, tau, scale, correct)`` (SMCgrad). ``reward``
     is the ``guide`` when one is given (a differentiable surrogate), else the tilt's;
@@ -136,6 +163,7 @@ class DenoiserProposalSpec(ProposalSpec):
 SPECS: dict[str, type[Spec]] = {
     "tilt": RewardTiltSpec,
     "self_reward": SelfRewardSpec,
+    "product": ProductTargetSpec,
     "gradient": GradientProposalSpec,
     "amortized": DenoiserProposalSpec,
 }
