@@ -100,6 +100,9 @@ class ToyImages(L.LightningDataModule):
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.data, batch_size=self.batch_size)
 
+    def split(self, name: str) -> ImageDataset:  # the reference images of FID / IS
+        return self.data
+
 
 def state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.denoiser.state_dict().items()}
@@ -287,7 +290,13 @@ def test_image_evaluation_logs_its_keys_grids_and_a_resample_strip(tmp_path):
         potential=ProductTargetSpec(weight=2.0, second_cond=CLASSES),
     )
     plain = Method(name="plain", num_steps=4, schedule="maskgit_cosine")
-    callback = ImageEvaluation([plain, smc], labels=[0, 1, 2], classifier=None)
+    callback = ImageEvaluation(
+        [plain, smc],
+        labels=[0, 1, 2, 3, 0, 1],
+        classifier="fmnist_classifier_tiny",  # the committed domain classifier
+        fidelity=["fid", "isc"],
+        reference_size=16,
+    )
     trainer = L.Trainer(
         max_steps=1,
         limit_val_batches=1,
@@ -297,7 +306,7 @@ def test_image_evaluation_logs_its_keys_grids_and_a_resample_strip(tmp_path):
     )
     trainer.fit(tiny_module(), datamodule=ToyImages())
     for name in ("plain", "CFG-SMC"):
-        for key in ("ess", "resamples", "nfe", "seconds"):
+        for key in ("ess", "resamples", "nfe", "seconds", "accuracy", "fid", "isc"):
             assert f"eval/{name}/{key}" in trainer.callback_metrics, (name, key)
         assert (tmp_path / "image_eval" / "step0000001" / f"grid_{name}.png").is_file()
     assert float(trainer.callback_metrics["eval/CFG-SMC/resamples"]) == 3  # after steps 1..3
@@ -306,5 +315,9 @@ def test_image_evaluation_logs_its_keys_grids_and_a_resample_strip(tmp_path):
     )  # per particle: the conditional and the null-class call per step
     strip = callback.last_samples["CFG-SMC"].strip
     assert strip.step == 0 and strip.before.shape == strip.after.shape == (3, 1, 28, 28)
+    assert 0 <= float(trainer.callback_metrics["eval/plain/accuracy"]) <= 1
+    assert (
+        1 <= float(trainer.callback_metrics["eval/plain/isc"]) <= 10
+    )  # the classifier has 10 classes
     assert (tmp_path / "image_eval" / "step0000001" / "strip_CFG-SMC.png").is_file()
     assert callback.history[0]["step"] == 1
