@@ -203,6 +203,8 @@ def test_token_batches_train_without_a_vq_and_skip_images(tmp_path, caplog):
     assert not (tmp_path / "images").exists()
     with pytest.raises(ValueError, match="no vq"):
         module.tokens_and_labels((torch.rand(2, 1, 28, 28), torch.zeros(2)))
+    with pytest.raises(FileNotFoundError, match="vq_fmnist_tiny.yaml"):
+        ImagePretraining(tiny_transformer(), vq=str(tmp_path / "no_vq"))
 
 
 # ---- 2. sampling -------------------------------------------------------------------------------

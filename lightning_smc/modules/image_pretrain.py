@@ -109,7 +109,14 @@ class ImagePretraining(pl.LightningModule):
             raise TypeError(
                 f"transformer must be a MeissonicClassTransformer, got {type(transformer).__name__}"
             )
-        vq = VQTokenizer.from_pretrained(vq) if isinstance(vq, str | Path) else vq
+        if isinstance(vq, str | Path):
+            if not Path(vq).is_dir():
+                raise FileNotFoundError(
+                    f"vq={str(vq)!r} is not a folder: train the tokenizer first (python -m "
+                    "lightning_smc.fit --config configs/pretrain/vq_fmnist_tiny.yaml writes "
+                    "outputs/vq_fmnist_tiny/vq) or give a VQTokenizer class_path"
+                )
+            vq = VQTokenizer.from_pretrained(vq)
         _check(transformer, vq, grid_shape, lr, weight_decay, warmup_steps, class_dropout)
         self.save_hyperparameters(ignore=["transformer", "vq"])
         grid = tuple(grid_shape) if grid_shape is not None else vq.grid_shape
