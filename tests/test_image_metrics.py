@@ -116,6 +116,8 @@ def test_inputs_and_names_are_checked(tmp_path):
         image_metrics(x, x, metrics=("fd",))
     with pytest.raises(ValueError, match="extractor="):
         image_metrics(x, x, extractor="vgg")
+    with pytest.raises(FileNotFoundError, match="fmnist_classifier_tiny"):
+        image_metrics(x, x, weights=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         FashionMNISTClassifier.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="logits"):  # no IS from the converted Inception

@@ -143,7 +143,14 @@ def _weights_file(extractor: str, weights: str | None) -> str | None:
     """The ``feature_extractor_weights_path`` torch-fidelity gets (``None``: download)."""
     if extractor == "fmnist-classifier":
         path = Path(weights or DEFAULT_CLASSIFIER)
-        return str(path if path.exists() else ASSETS / str(path))
+        path = path if path.exists() else ASSETS / str(path)
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"weights={weights!r}: no classifier folder there or in {ASSETS} (committed: "
+                "fmnist_classifier_tiny, fmnist_classifier_holdout_tiny; train one with "
+                "`python -m lightning_smc.metrics.classifier --preset tiny --out DIR`)"
+            )
+        return str(path)
     if weights == "download":
         return None
     if weights is None:
