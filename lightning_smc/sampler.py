@@ -87,7 +87,7 @@ from .smc.strategies import ResampleStrategy
 
 __all__ = ["SMCSampler"]
 
-Unmasking = Literal["ancestral", "random", "low_confidence", "threshold", "remdm"]
+Unmasking = Literal["ancestral", "random", "low_confidence", "threshold", "remdm", "maskgit"]
 Resampling = Literal["systematic", "multinomial", "stratified", "residual"]
 
 
@@ -99,8 +99,10 @@ class SMCSampler:
         num_particles: ``N`` per prompt (1 with no potential = the plain sampler).
         num_steps: ``T`` reverse steps in total (shared equally by the blocks).
         unmasking: ``"ancestral"``, ``"random"``, ``"low_confidence"``, ``"threshold"``,
-            ``"remdm"`` (ReMDM remasking with its defaults) or a policy object
-            (``diffusion.UnmaskingPolicy``, e.g. ``ReMDM(eta=0.02, mode="max_cap")``).
+            ``"remdm"`` (ReMDM remasking with its defaults), ``"maskgit"`` (MaskGIT / Meissonic:
+            the ``schedule``'s count, confidence + annealed Gumbel noise) or a policy object
+            (``diffusion.UnmaskingPolicy``, e.g. ``ReMDM(eta=0.02, mode="max_cap")``,
+            ``MaskGIT(schedule="maskgit_cosine", noise=4.5)``).
         block_length: semi-autoregressive block length (``None``: one block).
         temperature, top_p: applied to the proposal's logits (``temperature=0`` = greedy).
         potential: ``None`` | ``SelfReward`` | ``RewardTilt`` | ``ProductTarget``.
@@ -111,7 +113,8 @@ class SMCSampler:
         resample_when: a strategy spec replacing that (``"always"``, ``"every:10"``,
             ``"block"``, ``"block:0.5"``, ``"never"``) or a strategy object; giving it together
             with ``ess_threshold`` is an error.
-        schedule: ``alpha(t)`` for ``ancestral`` / ``remdm`` unmasking (a name or a ``Schedule``).
+        schedule: ``alpha(t)`` for ``ancestral`` / ``remdm`` / ``maskgit`` unmasking (a name or a
+            ``Schedule``).
         confidence_threshold: the ``threshold`` policy's confidence.
         cache: reuse a particle's logits when none of its tokens changed (MDLM's ``ddpm_cache``;
             needs a denoiser without time conditioning). ``out.nfe`` counts what was evaluated.
@@ -147,6 +150,7 @@ class SMCSampler:
         kwargs = {
             "ancestral": {"schedule": schedule},
             "remdm": {"schedule": schedule},
+            "maskgit": {"schedule": schedule},
             "threshold": {"threshold": confidence_threshold},
         }
         self.policy = get_unmasking(

@@ -18,10 +18,27 @@ current block; ``count`` = ``ceil(#masked / steps left)``, the even split LLaDA 
 - ``remdm``          ``ancestral`` with ReMDM remasking of clean tokens (``diffusion.remasking``).
 - ``threshold``      every position whose candidate's probability is ``>= threshold``, at least
                      the most confident one (Fast-dLLM); a block may finish early.
+- ``maskgit``        MaskGIT / Meissonic: the schedule's count (``n_block * (1 - alpha(s))``
+                     positions stay masked after the step, at least one is committed), ranked by
+                     ``log confidence + tau_k * Gumbel`` with ``tau_k`` annealed linearly from
+                     ``noise`` to 0 over the block's steps (``MaskGIT``).
 
 ``ancestral`` and ``random`` choose positions without looking at token values
 (``value_independent``), so the sampler draws tokens only where it commits, and the
 transition density is the product of per-token probabilities: the exact-weight setting.
+
+**Ranking policies and weights.** ``low_confidence``, ``threshold`` and ``maskgit`` look at the
+sampled candidates, so the positions a step commits depend on token values. The sampler keeps one
+convention for all of them (``sampling.propose.Kernel``): the position rule is part of the
+sampling *process*, not of the weight; a move is weighted by the committed tokens only,
+``sum_committed [log target - log q]``. With the base kernel (no proposal, a potential that does
+not propose, e.g. ``RewardTilt`` or ``SelfReward``) the ranking confidences are ``p_theta``'s, so
+the target is the policy's own path law ``m(x0)`` (the law of the plain ranked sampler, not
+``p0``) times the potential: ``m(x0) exp(r(x0) / alpha)`` for a reward tilt, checked by
+enumeration for ``maskgit`` (``tests/test_maskgit_unmasking.py``). When a proposal changes the
+confidences (``ProductTarget``, ``DenoiserProposal``, ``GradientProposal``), the positions follow
+the proposal's ranking and are not re-weighted: the weights then correct the tokens given those
+positions, and no closed-form target is claimed (use ``ancestral`` / ``random`` for exactness).
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ __all__ = [
     "UNMASKING_POLICIES",
     "Ancestral",
     "LowConfidence",
+    "MaskGIT",
     "RandomUnmasking",
     "StepPlan",
     "Threshold",
@@ -123,9 +141,11 @@ def _top_count(scores: Tensor, masked: Tensor, count: Tensor) -> Tensor:
 class UnmaskingPolicy:
     """``select(masked, plan, u=None, confidence=None) -> commit`` with ``commit ⊆ masked``.
     Value-independent policies use uniforms ``u [R, L]``; the others use ``confidence [R, L]``
-    (the probability of each position's sampled candidate)."""
+    (the probability of each position's sampled candidate), and also ``u`` (float64 uniforms
+    from the rows' generators, drawn after the candidates) when ``needs_uniforms``."""
 
     value_independent: bool = True
+    needs_uniforms: bool = False  # a ranking policy that also reads ``u`` (noisy ranking)
     may_finish_early: bool = False
     remasks: bool = False  # True: ``remask`` may turn clean tokens back into masks (ReMDM)
 
@@ -189,11 +209,68 @@ class Threshold(UnmaskingPolicy):
         return at_least_one | (masked & (confidence >= self.threshold))
 
 
+@dataclass
+class MaskGIT(UnmaskingPolicy):
+    """MaskGIT / Meissonic low-confidence unmasking with confidence noise.
+
+    At step ``k`` of the ``S`` steps of a block of ``n`` positions (times ``t -> s``), the
+    ``floor(n * (1 - alpha(s)))`` masked positions with the lowest noisy confidence stay masked
+    and the others are committed (at least one; all at the block's last step), where a
+    position's noisy confidence is ``log c + tau_k * g``: ``c`` its sampled candidate's
+    probability (clamped at ``1e-20``), ``g = -log(-log u)`` a Gumbel variable from the row's
+    uniform ``u`` and ``tau_k = noise * (1 - k / (S - 1))`` (``linspace(noise, 0, S)``, as
+    Meissonic's and aMUSEd's schedulers anneal their ``temperature=(2, 0)``). With
+    ``schedule="maskgit_cosine"`` the masked share after step ``k`` is ``cos(pi/2 (k+1)/S)``,
+    MaskGIT's cosine schedule. Top-``count`` of Gumbel-perturbed ``log c / tau`` is a
+    Plackett-Luce draw with weights ``c^(1 / tau)``; ``noise=0`` ranks by confidence alone.
+
+    Args:
+        schedule: ``alpha(t)`` fixing the counts (the sampler passes its ``schedule``).
+        noise: the initial noise temperature ``tau_0 >= 0`` (Meissonic's default 2; MaskGIT 4.5).
+    """
+
+    schedule: Schedule | str = "maskgit_cosine"
+    noise: float = 2.0
+    value_independent = False
+    needs_uniforms = True
+
+    def __post_init__(self) -> None:
+        self.schedule = get_schedule(self.schedule)
+        number = isinstance(self.noise, int | float) and not isinstance(self.noise, bool)
+        if not (number and math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"MaskGIT noise must be a finite number >= 0, got {self.noise!r}")
+
+    def count(self, masked: Tensor, plan: StepPlan) -> Tensor:
+        """Positions committed per row: ``#masked - floor(n (1 - alpha(s)))``, in ``[1, #masked]``."""
+        left = masked.sum(-1)
+        if plan.closes_block:
+            return left
+        share = 1.0 - self.schedule.alpha(torch.tensor(plan.s, dtype=torch.float64))
+        keep = int(math.floor((plan.block_end - plan.block_start) * float(share) + 1e-9))
+        return (left - keep).clamp_min(1).minimum(left)
+
+    def noise_temperature(self, plan: StepPlan) -> float:
+        """``tau_k``: ``noise`` at the block's first step, 0 at its last."""
+        if plan.steps_in_block == 1:
+            return 0.0
+        return self.noise * (1.0 - plan.index / (plan.steps_in_block - 1))
+
+    def select(self, masked, plan, u=None, confidence=None):
+        scores = torch.log(confidence.to(torch.float64).clamp_min(1e-20))
+        tau = self.noise_temperature(plan)
+        if tau > 0:
+            tiny = torch.finfo(torch.float64).tiny
+            gumbel = -torch.log(-torch.log(u.to(torch.float64).clamp_min(tiny)))
+            scores = scores + tau * gumbel
+        return _top_count(scores, masked, self.count(masked, plan))
+
+
 UNMASKING_POLICIES = {
     "ancestral": Ancestral,
     "random": RandomUnmasking,
     "low_confidence": LowConfidence,
     "threshold": Threshold,
+    "maskgit": MaskGIT,
 }
 
 

@@ -10,8 +10,10 @@ returns ``(x_s, increment [R])`` where
 (the twist difference is added by the loop). Positions come from the policy in one of two
 modes: **value-independent** policies (``ancestral``, ``random``) choose positions from
 uniforms and tokens are drawn only there; **ranking** policies (``low_confidence``,
-``threshold``) draw a candidate at every masked position of the block and commit the most
-confident. A remasking policy (ReMDM) then turns some clean generated tokens back into masks;
+``threshold``, ``maskgit``) draw a candidate at every masked position of the block and commit the
+most confident (``maskgit``: after adding Gumbel noise from one more uniform per position). A
+ranking move is weighted by its committed tokens only: the position rule belongs to the
+sampling process, not to the weight (``diffusion.unmasking``'s docstring says what that targets). A remasking policy (ReMDM) then turns some clean generated tokens back into masks;
 the base kernel and every proposal share the policy, so the probabilities of those position
 events (unmask, stay masked, re-mask, keep) are the same under ``p`` and ``q`` and cancel in
 ``log p - log q`` (``diffusion.remasking.transition_log_prob`` is the full transition
@@ -112,7 +114,10 @@ class Kernel:
             picked = q_lp.gather(-1, candidates.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1)
         else:
             picked = entries(q_lp, source, candidates.clamp_max(V - 1).view(-1)).view(R, L)
-        commit = self.policy.select(masked, ctx.plan, confidence=picked.exp())
+        u = None  # a noisy ranking (``maskgit``): uniforms from the rows' own generators
+        if self.policy.needs_uniforms:
+            u = ctx.rows.rand((ctx.num_particles, L), x.device).view_as(x)
+        commit = self.policy.select(masked, ctx.plan, u=u, confidence=picked.exp())
         at = flat_index(commit)
         lp = picked.view(-1)[at] if self.rows_only else None
         return at, candidates.view(-1)[at], lp
