@@ -68,6 +68,18 @@ GRID: dict[str, dict[str, Any]] = {
         "transitions": None,
     },
     "paired x4 twist": {"twist_estimate": "paired", "twist_samples": 4},
+    "zero adapter, greedy twist": {  # the reference row for the greedy-twist settings
+        "potential": RewardTiltSpec(alpha=0.1, schedule="linear", num_samples=0),
+        "_steps": 0,
+    },
+    "per-state siblings x4, greedy twist": {
+        "potential": RewardTiltSpec(alpha=0.1, schedule="linear", num_samples=0),
+        "twist_estimate": "paired",
+        "twist_samples": 0,
+        "baseline": "per_state",
+        "siblings": 4,
+        "transitions": None,
+    },
     "lr 1e-3": {"lr": 1e-3},
     "lr 1e-2": {"lr": 1e-2},
     "replay 16": {"replay_size": 16},
@@ -250,13 +262,15 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"setting": "zero adapter (untrained)", "steps": 0, **zero, "seconds": 0.0})
         print(rows[-1], flush=True)
     for name in names:
+        settings = dict(GRID[name])
+        steps = settings.pop("_steps", args.steps)  # "_steps": a fixed step count (0: untrained)
         start = time.perf_counter()
-        module = train(GRID[name], args.steps, args.seed)
+        module = train(settings, steps, args.seed)
         seconds = time.perf_counter() - start
         rows.append(
             {
                 "setting": name,
-                "steps": args.steps,
+                "steps": steps,
                 **evaluate(module, args.seeds, args.particles),
                 "seconds": seconds,
             }

@@ -110,6 +110,10 @@ class ImagePretraining(pl.LightningModule):
                 f"transformer must be a MeissonicClassTransformer, got {type(transformer).__name__}"
             )
         if isinstance(vq, str | Path):
+            if str(vq) == "embedded":  # the packaged tokenizer (lightning_smc/assets)
+                from ..models.loading import ASSETS
+
+                vq = ASSETS / "vq_fmnist_tiny"
             if not Path(vq).is_dir():
                 raise FileNotFoundError(
                     f"vq={str(vq)!r} is not a folder: train the tokenizer first (python -m "
