@@ -59,13 +59,15 @@ def scores(
 ) -> dict:
     """Domain FID / IS / KID / PRC on all images, FID per split, accuracies with SEs."""
     n = len(images)
-    out = image_metrics(images, reference, reference_name="fmnist-test")
+    out = image_metrics(images, reference, reference_name=f"fmnist-test-{len(reference)}")
     out["isc_se"] = out.pop("isc_std") / math.sqrt(10)
     per_split = []
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     for part in order.chunk(splits):
         per_split.append(
-            image_metrics(images[part], reference, ("fid",), reference_name="fmnist-test")["fid"]
+            image_metrics(
+                images[part], reference, ("fid",), reference_name=f"fmnist-test-{len(reference)}"
+            )["fid"]
         )
     values = torch.tensor(per_split, dtype=torch.float64)
     out["fid_split"] = float(values.mean())
@@ -95,7 +97,8 @@ def report(rows: list[dict], settings: dict) -> str:
         "unmasking; CFG weight w as Meissonic's guidance scale (logits u + w (c - u)); w = 1 is "
         "the conditional model alone.",
         "- domain metrics: torch-fidelity with the project's Fashion-MNIST classifier "
-        "(`fmnist_classifier_tiny`) as feature extractor, reference = the 10,000 test images; "
+        "(`fmnist_classifier_tiny`) as feature extractor, reference = the first "
+        f"{settings['reference_size']} test images; "
         f"FID@{settings['n'] // settings['splits']}: mean ± SE over {settings['splits']} disjoint "
         "subsets; IS ± std/sqrt(10) over torch-fidelity's splits; accuracies ± binomial SE "
         "(holdout: `fmnist_classifier_holdout_tiny`, never used elsewhere here).",
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--data-root", default=DEFAULT_ROOT)
+    parser.add_argument(
+        "--reference-size", type=int, default=None, help="first K test images (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/image_cfg_table"))
     args = parser.parse_args(argv)
     if args.per_class < 1 or args.splits < 2:
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     model = load_image_model(args.model)
     test_images, test_labels = load_fashion_mnist(args.data_root, "test")
-    reference = torch.as_tensor(test_images).unsqueeze(1)  # uint8 [10000, 1, 28, 28]
+    reference = torch.from_numpy(test_images.copy()).unsqueeze(1)[: args.reference_size]  # uint8
     labels = torch.arange(model.num_classes).repeat_interleave(args.per_class)
     n = len(labels)
     rows: list[dict[str, Any]] = []
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     train_images, train_labels = load_fashion_mnist(args.data_root, "train")
     train_labels = torch.as_tensor(train_labels).long()
     pick = torch.cat([(train_labels == c).nonzero().flatten()[: args.per_class] for c in range(10)])
-    real = torch.as_tensor(train_images)[pick].unsqueeze(1)
+    real = torch.from_numpy(train_images[pick.numpy()].copy()).unsqueeze(1)
     rows.append(
         {
             "setting": f"real (train, n={n})",
@@ -172,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "n": n,
         "per_class": args.per_class,
         "splits": args.splits,
+        "reference_size": len(reference),
         "seed": args.seed,
         "platform": platform.machine(),
         "torch": torch.__version__,
