@@ -3,9 +3,11 @@ wrapper, rotary embeddings, tokenizers and chat prompts.
 
 **Loading.** ``StrictLoading`` makes a ``PreTrainedModel`` subclass's ``from_pretrained`` strict:
 a checkpoint (one ``model.safetensors`` or shards with ``model.safetensors.index.json``) whose
-keys do not match the module exactly is an error naming the missing and unexpected keys,
-never a model with silently re-initialized weights. Loading is local-files-only by default and
-``trust_remote_code`` is refused: the Hub's ``modeling_*.py`` is never imported.
+keys or shapes do not match the module exactly is an error naming the missing, unexpected and
+mismatched keys, never a model with silently re-initialized weights. Loading is local-files-only
+by default (``local_files_only=False`` fetches a Hub id's weights) and ``trust_remote_code`` is
+refused: the Hub's ``modeling_*.py`` is never imported. ``dtype`` defaults to the checkpoint's
+``torch_dtype`` (bf16 for the Hub models); pass ``dtype=torch.float32`` to upcast.
 
 **Denoiser.** ``DiffusionLMDenoiser`` wraps a backbone ``(input_ids, attention_mask) -> logits``
 into ``ls.Denoiser``: ``(x_t [B, L], t [B], cond) -> logits [B, L, vocab_size]`` in float32
