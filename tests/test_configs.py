@@ -117,6 +117,12 @@ def test_config_smoke_runs(config, tmp_path, monkeypatch):
         "32",
     ]
     smoke = SMOKE
+    if "TextImageFinetuning" in config.read_text():  # at scale: no hub pipeline here
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        offline = ["--model.init_args.local_files_only", "true"]
+        with pytest.raises(ValueError, match="huggingface-cli download"):
+            main(["fit", "--config", str(config), *SMOKE[:12], *offline])
+        return  # fine-tuned at tiny size by tests/test_text_image_finetune.py
     if config.parent.name == "reward":  # a learned reward on a base model's tokenizer: no denoiser
         smoke, shrink = REWARD_SMOKE, []
     if "FashionMNISTDataModule" in config.read_text():

@@ -268,7 +268,7 @@ def load_text_image_model(
             raise
         raise FileNotFoundError(
             f"{name_or_path} is neither a local folder nor a hub pipeline the hub client could "
-            f"provide (local_files_only={local_files_only}): {err}. Download it with "
+            f"provide (local_files_only={local_files_only}): {str(err).rstrip('.')}. Download it with "
             f"`huggingface-cli download {name_or_path} --local-dir <folder>` and pass <folder>"
         ) from err
     with torch.no_grad():
