@@ -111,7 +111,8 @@ def _export_adapter(node: dict, weights: dict, ckpt: Path, config: Path, out: Pa
     potential = args.get("potential")
     if isinstance(potential, dict) and "class_path" not in potential:  # plain fields
         args["potential"] = RewardTiltSpec(**potential)
-    args.pop("init_adapter", None)  # the checkpoint holds the trained weights
+    # init_adapter stays: its adapter_config.json gives the LoRA structure (rank, targets) the
+    # checkpoint's weights fit; the weights themselves are then the checkpoint's
     module = build({"class_path": node["class_path"], "init_args": args})
     try:
         module.load_state_dict(weights, strict=True)

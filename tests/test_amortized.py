@@ -678,3 +678,51 @@ def test_per_state_baseline_trains_and_refuses_bad_settings(tmp_path):
         toy_module(baseline="per_state")
     with pytest.raises(ValueError, match="unmasking='ancestral'"):
         toy_module(baseline="per_state", twist_estimate="paired", unmasking="random")
+
+
+def test_export_writes_the_checkpoints_adapter_also_when_it_started_from_one(tmp_path):
+    """``python -m lightning_smc.export`` on an amortized run that began from ``init_adapter``:
+    the exported folder holds the run's (here perturbed) LoRA weights and F_psi, with the
+    structure (targets incl. the output layer) of the adapter it started from."""
+    from lightning_smc.export import _export_adapter
+    from lightning_smc.rewards import VaderSentiment
+
+    args = {
+        "base": "embedded",
+        "potential": {"alpha": 0.1, "schedule": "linear", "num_samples": 0},
+        "seq_len": 32,
+        "num_steps": 16,
+        "init_adapter": "embedded",
+    }
+    module = AmortizedProposalModule(
+        reward=VaderSentiment(tokenizer="embedded"),
+        **{**args, "potential": RewardTiltSpec(**args["potential"])},
+    )
+    perturb(module.q, std=0.05, seed=3)
+    with torch.no_grad():
+        module.f_psi.values.add_(1.0)
+    node = {
+        "class_path": "lightning_smc.modules.AmortizedProposalModule",
+        "init_args": {
+            **args,
+            "reward": {
+                "class_path": "lightning_smc.rewards.VaderSentiment",
+                "init_args": {"tokenizer": "embedded"},
+            },
+        },
+    }
+    folder = _export_adapter(node, module.state_dict(), Path("x.ckpt"), Path("c.yaml"), tmp_path)
+    from lightning_smc.models.loading import load_denoiser
+
+    reloaded = LoRADenoiser.from_adapter(load_denoiser("embedded"), folder)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, module.q.mask_id, (2, 32), generator=g)
+    x[:, ::3] = module.q.mask_id
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t), module.q(x, t))
+    from lightning_smc.models.files import read_safetensors
+
+    assert torch.equal(
+        read_safetensors(folder / "f_psi.safetensors")["values"], module.f_psi.values
+    )

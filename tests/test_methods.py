@@ -122,7 +122,7 @@ def test_best_of_n_picks_the_highest_reward_particle():
 
 
 def test_bad_method_configs_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"potential='tilted' is not .*\['self_reward', 'tilt'\]"):
+    with pytest.raises(ValueError, match=r"potential='tilted' is not .*\['product', 'self_reward', 'tilt'\]"):
         Method(potential="tilted")
     with pytest.raises(ValueError, match="needs potential: RewardTiltSpec"):
         Method(proposal="gradient")
