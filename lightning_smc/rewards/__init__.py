@@ -9,8 +9,16 @@
              one-hots ``[B, L, V]``), HF-style ``save_pretrained`` / ``from_pretrained``;
              ``PretrainedLearnedReward(path)`` loads one from YAML configs
 
+``image``    ``VQImageReward`` (decode token grids through the VQ, score images): ``ClassReward``
+             (differentiable), ``HoldoutClassReward``, ``JpegCompressibility``,
+             ``JpegIncompressibility``; ``image_adapters``: ``ImageRewardScore``,
+             ``LaionAesthetic``, ``HPSv2Score`` (local weights only). Imported on first use
+             (they need diffusers).
+
 A reward with ``differentiable = True`` also accepts soft one-hot inputs (SMCgrad).
 """
+
+import importlib
 
 from .base import BaseReward, Reward, check_reward_output
 from .hf import HFClassifierReward
@@ -30,7 +38,25 @@ from .text import (
     resolve_tokenizer,
 )
 
+#: image rewards, imported on first access (``lightning_smc.rewards.ClassReward``)
+_LAZY = {
+    **dict.fromkeys(
+        ("ClassReward", "HoldoutClassReward", "JpegCompressibility", "JpegIncompressibility"),
+        "image",
+    ),
+    "VQImageReward": "image",
+    **dict.fromkeys(("HPSv2Score", "ImageRewardScore", "LaionAesthetic"), "image_adapters"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "EMBEDDED_MODEL",
     "EMBEDDED_SENTIMENT_REWARD",
     "AfinnSentiment",
