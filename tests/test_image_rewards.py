@@ -296,3 +296,16 @@ def test_image_rewards_are_exported_lazily():
 
     assert rewards.ClassReward is ClassReward and rewards.LaionAesthetic is LaionAesthetic
     assert "HPSv2Score" in rewards.__all__
+
+
+def test_class_reward_from_a_yaml_reward_block():
+    from jsonargparse import ArgumentParser
+
+    from lightning_smc.rewards import BaseReward
+
+    parser = ArgumentParser()
+    parser.add_argument("--reward", type=BaseReward)
+    block = '{"class_path": "lightning_smc.rewards.ClassReward", "init_args": {"target": 7, "clamp_min": -10}}'
+    reward = parser.instantiate(parser.parse_args(["--reward", block])).reward
+    assert isinstance(reward, ClassReward) and reward.clamp_min == -10.0
+    assert reward.vq.codebook_size == 256  # vq: embedded, the packaged tokenizer
