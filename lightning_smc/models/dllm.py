@@ -128,7 +128,13 @@ class DiffusionLMDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor | None = None, cond: Any = None) -> Tensor:
         if x_t.dim() != 2 or x_t.is_floating_point() or x_t.dtype == torch.bool:
             raise ValueError(f"x_t must be integer token ids [B, L], got {x_t.dtype} {x_t.shape}")
-        logits = self.model(x_t.long(), attention_mask=attention_mask_of(cond, x_t)).logits
+        return self.finish(
+            self.model(x_t.long(), attention_mask=attention_mask_of(cond, x_t)).logits
+        )
+
+    def finish(self, logits: Tensor) -> Tensor:
+        """The backbone's raw logits ``[B, L, width]`` as the denoiser's output (vocabulary
+        columns in float32, shifted for a shifted model, mask ``-inf``)."""
         logits = logits[..., : self.vocab_size].float()  # embedding rows past the vocabulary
         if self.shifted:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)

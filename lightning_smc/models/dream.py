@@ -87,14 +87,23 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, d, bias=False)
 
     def forward(self, u: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        q, k, v = self.qkv(u, rope)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads
+        )
+        return self.out(a)
+
+    def qkv(self, u: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys (both after RoPE) and values ``[B, heads, L, hd]``."""
         B, L, _ = u.shape
         q = self.q_proj(u).view(B, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(u).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(u).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *rope)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads
-        )
+        return q, k, v
+
+    def out(self, a: Tensor) -> Tensor:
+        B, _, L, _ = a.shape
         return self.o_proj(a.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -108,6 +117,14 @@ class DreamDecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def qkv(self, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return self.self_attn.qkv(self.input_layernorm(h), rope)
+
+    def mix(self, h: Tensor, a: Tensor) -> Tensor:
+        """The rest of the layer after attention ``a [B, heads, L, hd]``."""
+        h = h + self.self_attn.out(a)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -127,16 +144,19 @@ class DreamBaseModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         h = self.embed_tokens(input_ids)
-        if attention_mask is None:
-            positions, mask = torch.arange(input_ids.shape[1], device=h.device)[None], None
-        else:  # Dream's generate: tokens numbered from 0 after the left padding
-            positions = attention_mask.long().cumsum(-1) - 1
-            positions = positions.masked_fill(attention_mask == 0, 1)
-            mask = attention_mask.bool()[:, None, None, :]
-        rope = self.rotary_emb(h, positions)
+        rope = self.rotary_emb(h, self.positions(input_ids, attention_mask))
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
             h = layer(h, rope, mask)
         return self.norm(h)
+
+    def positions(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Position ids ``[1, L]``, or ``[B, L]`` under left padding (Dream's generate: tokens
+        numbered from 0 after the padding)."""
+        if attention_mask is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions.masked_fill(attention_mask == 0, 1)
 
 
 class DreamModel(StrictLoading, PreTrainedModel):
@@ -163,6 +183,24 @@ class DreamModel(StrictLoading, PreTrainedModel):
     ) -> MaskedLMOutput:
         """Unshifted ``logits [B, L, vocab_size]`` (position ``i`` scores token ``i + 1``)."""
         return MaskedLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask)))
+
+    # The pieces of ``forward`` that ``dllm_cache.CachedDiffusionLM`` drives (KV caches).
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, each with ``qkv(h, rope)`` and ``mix(h, attention)``."""
+        return self.model.layers
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def positions(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model.positions(input_ids, attention_mask)
+
+    def rotary(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.rotary_emb(h, positions)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Unshifted logits of the last hidden states."""
+        return self.lm_head(self.model.norm(h))
 
 
 class DreamDenoiser(DiffusionLMDenoiser):

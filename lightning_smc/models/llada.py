@@ -137,15 +137,27 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(config.ff_hidden, d, bias=bias)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        B, L, D = h.shape
+        q, k, v = self.qkv(h, (cos, sin))
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.n_heads
+        )
+        return self.mix(h, a)
+
+    def qkv(self, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys (both after RoPE) and values ``[B, heads, L, hd]`` of ``h [B, L, d]``."""
+        B, L, _ = h.shape
+        cos, sin = rope
         u = self.attn_norm(h)
         q = self.q_proj(u).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(u).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(u).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = (((w.float() * cos) + rotate_half(w.float()) * sin).to(w.dtype) for w in (q, k))
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.n_heads
-        )
+        return q, k, v
+
+    def mix(self, h: Tensor, a: Tensor) -> Tensor:
+        """The rest of the block after attention ``a [B, heads, L, hd]``: output projection,
+        residual, SwiGLU."""
+        B, L, D = h.shape
         h = h + self.attn_out(a.transpose(1, 2).reshape(B, L, D))
         w = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(w)) * self.up_proj(w))
@@ -168,16 +180,27 @@ class LLaDABackbone(nn.Module):
         self.transformer = nn.ModuleDict(parts)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        config, L = self.config, input_ids.shape[1]
-        h = self.transformer.wte(input_ids)
-        if config.input_emb_norm:
-            h = h * config.d_model**0.5
-        positions = torch.arange(L, device=input_ids.device)
-        cos, sin = rotary_cos_sin(positions, config.d_model // config.n_heads, config.rope_theta)
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(h, self.positions(input_ids, attention_mask))
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for block in self.transformer.blocks:
             h = block(h, cos, sin, mask)
-        h = self.transformer.ln_f(h)
+        return self.head(h)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        h = self.transformer.wte(input_ids)
+        return h * self.config.d_model**0.5 if self.config.input_emb_norm else h
+
+    def positions(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Absolute positions ``[L]`` (also under left padding, as LLaDA's own ``generate``)."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)
+
+    def rotary(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        config = self.config
+        return rotary_cos_sin(positions, config.d_model // config.n_heads, config.rope_theta)
+
+    def head(self, h: Tensor) -> Tensor:
+        config, h = self.config, self.transformer.ln_f(h)
         head = self.transformer.wte if config.weight_tying else self.transformer.ff_out
         logits = F.linear(h, head.weight, getattr(head, "bias", None))
         return logits / config.d_model**0.5 if config.scale_logits else logits
@@ -211,6 +234,23 @@ class LLaDAModelLM(StrictLoading, PreTrainedModel):
     ) -> MaskedLMOutput:
         """``logits [B, L, embedding_size]``; ``attention_mask [B, L]``: 0 hides padded keys."""
         return MaskedLMOutput(logits=self.model(input_ids, attention_mask))
+
+    # The pieces of ``forward`` that ``dllm_cache.CachedDiffusionLM`` drives (KV caches).
+    def layers(self) -> nn.ModuleList:
+        """The blocks, each with ``qkv(h, rope)`` and ``mix(h, attention)``."""
+        return self.model.transformer.blocks
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed(input_ids)
+
+    def positions(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model.positions(input_ids, attention_mask)
+
+    def rotary(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.rotary(h, positions)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.model.head(h)
 
 
 class LLaDADenoiser(DiffusionLMDenoiser):

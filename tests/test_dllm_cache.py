@@ -1,0 +1,216 @@
+"""Fast-dLLM's prefix / dual KV caches as per-row denoiser state (``models.dllm_cache``).
+
+Tiny random LLaDA / Dream built from the golden checkpoints' configs (float32), SR-SMC with
+block decoding and resampling at every step (inside blocks too), ``B = 2`` prompts (one
+left-padded) x ``N = 4`` particles. What is checked:
+
+- ``refresh="step"`` (no approximation) gives the uncached run's samples and weights;
+- a one-layer model, where the caches are exact, gives the uncached run with Fast-dLLM's
+  refresh-per-block caches; with the announcements ignored and no rebuild, it does not;
+- with two layers (an approximation: the logits differ) the run equals one driven by a
+  stateless reference that recomputes the cache of ``z`` at every call, so the weights are those
+  of the cached model's own logits;
+- after the run each row's cache equals a recomputation from its own tokens (it followed its
+  ancestor), with no row rebuilt; rows given ``-1`` (a sharded exchange) are rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_smc as ls
+from lightning_smc.models.dllm import attention_mask_of
+from lightning_smc.models.dllm_cache import CachedDiffusionLM
+from lightning_smc.models.dream import DreamDenoiser, DreamModel
+from lightning_smc.models.llada import LLaDADenoiser, LLaDAModelLM
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDENS = ROOT / "tests" / "goldens"
+BLOCK, BLOCKS, P = 4, 3, 4  # block length, blocks, prompt length
+L = P + BLOCK * BLOCKS
+
+
+def tiny(name: str, layers: int):
+    """A random float32 denoiser with the golden config and ``layers`` layers."""
+    model_cls, denoiser_cls = {
+        "llada": (LLaDAModelLM, LLaDADenoiser),
+        "dream": (DreamModel, DreamDenoiser),
+    }[name]
+    config = model_cls.config_class.from_pretrained(GOLDENS / name / "checkpoint")
+    setattr(config, "n_layers" if name == "llada" else "num_hidden_layers", layers)
+    torch.manual_seed(11)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():  # sharper logits than init_std=0.02: the samples depend on them
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return denoiser_cls(model)
+
+
+def prompts():
+    ids = torch.tensor([[7, 8, 9, 10], [257, 257, 12, 13]])
+    return ids, {"attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
+
+
+def run(denoiser, seed: int = 0):
+    sampler = ls.SMCSampler(
+        denoiser,
+        num_particles=4,
+        num_steps=BLOCK * BLOCKS,
+        unmasking="low_confidence",
+        block_length=BLOCK,
+        potential=ls.SelfReward(),
+        resampling="multinomial",
+        resample_when="every:1",
+    )
+    ids, cond = prompts()
+    return sampler.sample(L, prompt=ids, cond=cond, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_run(a, b):
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.log_weights, b.log_weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.log_normalizer, b.log_normalizer, rtol=0, atol=1e-5)
+
+
+def moved_inside_blocks(out) -> bool:
+    """Some resample inside a block (not at its first step) picked another particle."""
+    steps = [k for k in range(out.ancestors.shape[1]) if (k + 1) % BLOCK and k >= BLOCK]
+    identity = torch.arange(out.ancestors.shape[-1])
+    return any(bool((out.ancestors[:, k] != identity).any()) for k in steps)
+
+
+class Reference:
+    """The cached model without state: every call builds the cache of ``z`` from scratch (the
+    block from the sampler's grid) and recomputes the block against it."""
+
+    def __init__(self, cached: CachedDiffusionLM):
+        self.cached = cached
+        self.vocab_size, self.mask_id = cached.vocab_size, cached.mask_id
+
+    def __call__(self, x_t, t, cond=None):
+        c, mask = self.cached, attention_mask_of(cond, x_t)
+        first = int((x_t == self.mask_id).any(0).nonzero()[0])
+        b = P + (first - P) // BLOCK * BLOCK
+        e = b + BLOCK if c.mode == "dual" else L
+        with torch.no_grad():
+            c.state = c._build(c.opening_state(x_t, b), mask, b, e)
+            return c.denoiser.finish(c._split(x_t, mask))
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_cache_refreshed_every_step_equals_uncached(name, mode):
+    denoiser = tiny(name, layers=2)
+    uncached = run(denoiser)
+    cached = run(CachedDiffusionLM(denoiser, mode, BLOCK, refresh="step"))
+    assert moved_inside_blocks(uncached)
+    assert_same_run(cached, uncached)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_one_layer_caches_are_exact_and_must_follow_the_particles(name, mode):
+    denoiser = tiny(name, layers=1)
+    uncached = run(denoiser)
+    cache = CachedDiffusionLM(denoiser, mode, BLOCK)
+    assert_same_run(run(cache), uncached)
+    assert moved_inside_blocks(uncached)
+    assert cache.rebuilt_rows == 0 and cache.openings == BLOCKS
+
+    forgetful = CachedDiffusionLM(denoiser, mode, BLOCK)
+    forgetful.reorder_state = lambda index: None  # never moves its rows
+    assert_same_run(run(forgetful), uncached)  # stale rows are found and rebuilt ...
+    assert forgetful.rebuilt_rows > 0
+    forgetful._rebuild_stale = lambda x_t, mask: None  # ... without that, the run goes wrong
+    assert not torch.equal(run(forgetful).log_weights, uncached.log_weights)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_approximate_cache_is_a_well_defined_denoiser(name, mode):
+    denoiser = tiny(name, layers=2)
+    cache = CachedDiffusionLM(denoiser, mode, BLOCK)
+    out = run(cache)
+    assert cache.rebuilt_rows == 0
+    assert_same_run(out, run(Reference(CachedDiffusionLM(denoiser, mode, BLOCK))))
+    # an approximation: inside a block the cached logits are not the model's
+    x = out.tokens.flatten(0, 1)[:2].clone()
+    x[:, P + BLOCK + 2 :] = denoiser.mask_id  # two tokens into the second block
+    ids, cond = prompts()
+    with torch.no_grad():
+        exact = denoiser(x, None, cond)
+        approx = Reference(cache)(x, None, cond)
+    block = slice(P + BLOCK + 2, P + 2 * BLOCK)
+    assert (exact[:, block, :-10] - approx[:, block, :-10]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_each_row_keeps_the_cache_of_its_ancestor(mode):
+    denoiser = tiny("llada", layers=2)
+    cache = CachedDiffusionLM(denoiser, mode, BLOCK)
+    out = run(cache, seed=3)
+    assert moved_inside_blocks(out)
+    state, final = cache.state, out.tokens.flatten(0, 1)
+    b = P + (BLOCKS - 1) * BLOCK
+    assert state.b == b and bool(state.valid.all()) and cache.rebuilt_rows == 0
+    _, cond = prompts()
+    mask = attention_mask_of(
+        {"attention_mask": cond["attention_mask"].repeat_interleave(4, 0)}, final
+    )
+    with torch.no_grad():
+        fresh = cache._build(cache.opening_state(final, b), mask, b, state.e)
+    kept = torch.ones(L, dtype=torch.bool)
+    kept[b : L if mode == "prefix" else state.e] = False  # recomputed at every call
+    for mine, theirs in zip(state.keys + state.values, fresh.keys + fresh.values, strict=True):
+        torch.testing.assert_close(mine[:, :, kept], theirs[:, :, kept], rtol=0, atol=1e-6)
+    assert torch.equal(state.tokens, fresh.tokens)
+
+
+def test_rows_from_another_process_are_rebuilt():
+    """``reorder_state`` with ``-1`` (rows received in a sharded exchange): the rows are
+    rebuilt at the next call, exactly as the cache their sender held."""
+    denoiser = tiny("dream", layers=2)
+    cache = CachedDiffusionLM(denoiser, "dual", BLOCK)
+    torch.manual_seed(0)
+    x = torch.randint(0, 250, (4, L))
+    x[:, P + BLOCK :] = denoiser.mask_id
+    cache(x, torch.ones(4))  # the second block opens
+    x[:, P + BLOCK] = torch.randint(0, 250, (4,))
+    before = cache(x, torch.full((4,), 0.5))
+    index = torch.tensor([2, -1, 0, -1])
+    cache.reorder_state(index)
+    assert cache.state.valid.tolist() == [True, False, True, False]
+    moved = x[index.clamp_min(0)]
+    moved[1], moved[3] = x[3], x[1]  # what the other process sent
+    after = cache(moved, torch.full((4,), 0.5))
+    assert cache.rebuilt_rows == 2
+    torch.testing.assert_close(after, before[[2, 3, 0, 1]], rtol=0, atol=1e-5)
+
+
+def test_errors():
+    denoiser = tiny("llada", layers=1)
+    with pytest.raises(ValueError, match="mode="):
+        CachedDiffusionLM(denoiser, "suffix")
+    with pytest.raises(ValueError, match="refresh="):
+        CachedDiffusionLM(denoiser, refresh="never")
+    with pytest.raises(TypeError, match="layers"):
+        CachedDiffusionLM(ls.models.dllm.DiffusionLMDenoiser(torch.nn.Identity(), 3, 5))
+
+
+@pytest.mark.timeout(120)
+def test_benchmark_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dllm_cache.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prefix / uncached" in proc.stdout and "dual / uncached" in proc.stdout, proc.stdout
