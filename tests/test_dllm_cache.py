@@ -16,6 +16,7 @@ left-padded) x ``N = 4`` particles. What is checked:
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def prompts():
     return ids, {"attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
 
 
-def run(denoiser, seed: int = 0):
+def run(denoiser, seed: int = 0, layout: str = "local"):
     sampler = ls.SMCSampler(
         denoiser,
         num_particles=4,
@@ -67,6 +68,7 @@ def run(denoiser, seed: int = 0):
         potential=ls.SelfReward(),
         resampling="multinomial",
         resample_when="every:1",
+        layout=layout,
     )
     ids, cond = prompts()
     return sampler.sample(L, prompt=ids, cond=cond, generator=torch.Generator().manual_seed(seed))
@@ -214,3 +216,63 @@ def test_benchmark_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prefix / uncached" in proc.stdout and "dual / uncached" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------- two ranks
+def _sharded_rank(rank: int, store_path: str, results) -> None:
+    """One of two gloo ranks: SR-SMC with sharded particles, cached and reference denoisers."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        summary = {}
+        for layers in (1, 2):
+            denoiser = tiny("dream", layers)
+            cache = CachedDiffusionLM(denoiser, "dual", BLOCK)
+            other = (
+                denoiser if layers == 1 else Reference(CachedDiffusionLM(denoiser, "dual", BLOCK))
+            )
+            outs = [run(d, layout="sharded") for d in (cache, other)]
+            summary[layers] = dict(
+                outs=[(o.tokens, o.log_weights, o.log_normalizer) for o in outs],
+                received=cache.received_rows,
+                rebuilt=cache.rebuilt_rows,
+            )
+        buffer = io.BytesIO()  # tensors through a queue would need this process alive
+        torch.save(summary, buffer)
+        results.put((rank, buffer.getvalue()))
+    except Exception as err:  # pragma: no cover - reported by the test
+        results.put((rank, repr(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_sharded_exchange_rebuilds_received_rows(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_sharded_rank, args=(r, store, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=150) for _ in procs)
+        got = {r: v if isinstance(v, str) else torch.load(io.BytesIO(v)) for r, v in got.items()}
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    for rank in (0, 1):
+        assert isinstance(got[rank], dict), got[rank]
+        for layers in (1, 2):  # one layer: = uncached; two: = the stateless cached model
+            summary = got[rank][layers]
+            (tok, lw, lz), (tok_ref, lw_ref, lz_ref) = summary["outs"]
+            assert torch.equal(tok, tok_ref)
+            torch.testing.assert_close(lw, lw_ref, rtol=0, atol=1e-5)
+            torch.testing.assert_close(lz, lz_ref, rtol=0, atol=1e-5)
+    assert sum(got[r][2]["received"] for r in (0, 1)) > 0  # rows crossed ranks ...
+    assert sum(got[r][2]["rebuilt"] for r in (0, 1)) > 0  # ... and were rebuilt there

@@ -54,7 +54,8 @@ values, opening state and logits; ``-1`` marks a row received from another proce
 from its own ``z`` at the next call (the same cache it had, since the cache is a function of
 ``z``). A row whose prefix ``x_t[:b]`` or attention mask is not the one its cache was built
 for is also rebuilt (a new run, an unannounced move), so results never depend on stale rows;
-``rebuilt_rows`` counts such rebuilds (none after resampling when the moves are announced).
+``rebuilt_rows`` counts such rebuilds (none after resampling when the moves are announced),
+``received_rows`` the rows announced with ``-1``, ``openings`` the blocks opened.
 Left-padding masks come through ``cond`` as for the uncached denoiser.
 """
 
@@ -137,7 +138,7 @@ class CachedDiffusionLM(nn.Module):
         )
         self.vocab_size, self.mask_id = denoiser.vocab_size, denoiser.mask_id
         self.state: KVState | None = None
-        self.openings = self.rebuilt_rows = 0
+        self.openings = self.rebuilt_rows = self.received_rows = 0
 
     # ------------------------------------------------------------------ the denoiser
     @torch.no_grad()
@@ -169,6 +170,7 @@ class CachedDiffusionLM(nn.Module):
     def reorder_state(self, index: Tensor) -> None:
         """Row ``r`` now holds what row ``index[r]`` held (``-1``: rebuild it)."""
         state = self.state
+        self.received_rows += int((index < 0).sum())
         if state is None or (len(index) and int(index.max()) >= len(state.tokens)):
             self.state = None  # rows of another run: rebuilt when the next block opens
             return
