@@ -20,6 +20,8 @@ PANELS = [
     ("train/rollout_reward", "rollout reward (VADER)"),
     ("train/is_ess", "rollout importance ESS / R"),
 ]
+#: drawn when the log has it (baseline="per_state")
+OPTIONAL = [("train/sibling_var", "within-state variance of log w")]
 
 
 def read_columns(path: Path, max_step: int | None = None) -> dict[str, list[tuple[int, float]]]:
@@ -66,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     missing = [key for key, _ in PANELS if key not in columns]
     if missing:
         raise SystemExit(f"{args.csv} has no column(s) {missing}; is it an amortized run's log?")
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.2))
-    for axis, (key, title) in zip(axes, PANELS, strict=True):
+    panels = PANELS + [p for p in OPTIONAL if p[0] in columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+    for axis, (key, title) in zip(axes, panels, strict=True):
         steps, values = zip(*columns[key], strict=True)
         axis.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
         axis.plot(steps, moving_average(list(values), args.window), color="tab:blue", label="train")
