@@ -12,14 +12,12 @@ evaluated with the other.
 ``train_classifier`` trains one (AdamW, one seeded pass over the training split by default) and
 ``evaluate_accuracy`` scores it; reproduce an asset with::
 
-    python -m lightning_smc.metrics.classifier --preset tiny --out lightning_smc/assets/fmnist_classifier_tiny
+    python experiments/train_fmnist_classifier.py --preset tiny --out lightning_smc/assets/fmnist_classifier_tiny
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,8 +132,8 @@ class FashionMNISTClassifier(nn.Module):
         if missing:
             raise FileNotFoundError(
                 f"{folder}: missing {', '.join(missing)}; a classifier folder is written by "
-                "FashionMNISTClassifier.save_pretrained (train one with `python -m "
-                "lightning_smc.metrics.classifier --preset tiny --out DIR`)"
+                "FashionMNISTClassifier.save_pretrained (train one with `python "
+                "experiments/train_fmnist_classifier.py --preset tiny --out DIR`)"
             )
         raw = json.loads(files[0].read_text())
         fields = {k: raw[k] for k in ("channels", "hidden_dim", "num_classes", "image_size")}
@@ -209,40 +207,3 @@ def train_classifier(
         opt.step()
         sched.step()
     return model.eval()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from ..data.images import DEFAULT_ROOT, FashionMNISTDataModule
-
-    parser = argparse.ArgumentParser(description="Train a Fashion-MNIST classifier asset.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out", required=True, help="folder to write (save_pretrained)")
-    parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of the idx files")
-    parser.add_argument("--steps", type=int, default=None, help="default: one epoch")
-    parser.add_argument("--seed", type=int, default=None, help="default: the preset's")
-    args = parser.parse_args(argv)
-    config, seed = PRESETS[args.preset]
-    seed = seed if args.seed is None else args.seed
-    dm = FashionMNISTDataModule(root=args.root, seed=0)
-    train, test = dm.split("train"), dm.split("test")
-    x_train, y_train = train.uint8_images().float() / 255, torch.from_numpy(train.labels.copy())
-    x_test, y_test = test.uint8_images().float() / 255, torch.from_numpy(test.labels.copy())
-    start = time.perf_counter()
-    model = train_classifier(config, x_train, y_train, steps=args.steps, seed=seed)
-    minutes = (time.perf_counter() - start) / 60
-    card = {
-        "preset": args.preset,
-        "seed": seed,
-        "steps": args.steps or len(y_train) // 64,
-        "batch_size": 64,
-        "train_images": len(y_train),
-        "wall_minutes": round(minutes, 2),
-        "test_accuracy": evaluate_accuracy(model, x_test, y_test),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    model.save_pretrained(args.out, card)
-    print(json.dumps(card))
-
-
-if __name__ == "__main__":
-    main()

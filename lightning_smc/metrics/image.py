@@ -148,7 +148,7 @@ def _weights_file(extractor: str, weights: str | None) -> str | None:
             raise FileNotFoundError(
                 f"weights={weights!r}: no classifier folder there or in {ASSETS} (committed: "
                 "fmnist_classifier_tiny, fmnist_classifier_holdout_tiny; train one with "
-                "`python -m lightning_smc.metrics.classifier --preset tiny --out DIR`)"
+                "`python experiments/train_fmnist_classifier.py --preset tiny --out DIR`)"
             )
         return str(path)
     if weights == "download":
