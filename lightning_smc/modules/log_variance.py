@@ -312,7 +312,7 @@ def sibling_log_weights(
             mask_id,
             uniforms,
             twist_samples,
-            _repeat_cond(rows_cond, J + 1) if rows_cond is not None else None,
+            None if rows_cond is None else rows_cond.repeat_interleave(J + 1, dim=0),
         ).reshape(K, R, J + 1)
     change = (
         lam_to.to(device)[:, None, None] * r_hat[..., 1:]
