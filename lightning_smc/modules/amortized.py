@@ -335,19 +335,23 @@ class AmortizedProposalModule(L.LightningModule):
         out["loss"] = loss
         return out
 
+    def _row_generators(self, stage: str, step: int, rows: int) -> list[torch.Generator]:
+        """One CPU generator per path row, seeded by ``(seed, stage, step, global row index)``:
+        every world size draws the same numbers for a row."""
+        rank, _ = self._world()
+        return [
+            torch.Generator().manual_seed(
+                derive_seed(self.hparams.seed, _STAGES[stage], step, rank * rows + r)
+            )
+            for r in range(rows)
+        ]
+
     def _sibling_loss(self, path: SMCPath, step: int) -> dict[str, Tensor]:
         """``baseline="per_state"``: the mean within-state sample variance of the siblings'
         ``log w`` for ``q_phi``, ``F_psi``'s squared error on the recorded transitions."""
         hp = self.hparams
         spec = self.method.potential
-        rank, _ = self._world()
-        R = path.x_from.shape[1]
-        generators = [
-            torch.Generator().manual_seed(
-                derive_seed(hp.seed, _STAGES["siblings"], step, rank * R + r)
-            )
-            for r in range(R)
-        ]
+        generators = self._row_generators("siblings", step, path.x_from.shape[1])
         log_w, log_ratio = sibling_log_weights(
             path,
             self.q.base_denoiser,
@@ -382,14 +386,7 @@ class AmortizedProposalModule(L.LightningModule):
         ``(seed, step, global row index)``, so every world size draws the same."""
         hp = self.hparams
         spec = self.method.potential
-        rank, _ = self._world()
-        R = path.x_from.shape[1]
-        generators = [
-            torch.Generator().manual_seed(
-                derive_seed(hp.seed, _STAGES["paired"], step, rank * R + r)
-            )
-            for r in range(R)
-        ]
+        generators = self._row_generators("paired", step, path.x_from.shape[1])
         return paired_twist_change(
             path,
             self.q.base_denoiser,
