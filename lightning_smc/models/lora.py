@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .files import read_checkpoint, read_json, read_safetensors
 
-__all__ = ["LoRADenoiser", "weights_fingerprint"]
+__all__ = ["GuidedDenoiser", "LoRADenoiser", "weights_fingerprint"]
 
 ADAPTER_META = "lsmc_adapter.json"
 
@@ -77,6 +77,9 @@ class LoRADenoiser(nn.Module):
     Args:
         base: an ``nn.Module`` denoiser (modified in place by peft; see the module docstring).
         rank, alpha, dropout: LoRA hyper-parameters (``alpha / rank`` scales the update).
+        init: peft's ``init_lora_weights``: ``True`` (``lora_A`` Kaiming-uniform) or
+            ``"gaussian"`` (``lora_A ~ N(0, 1 / rank)``); ``lora_B = 0`` either way, so a new
+            adapter computes exactly the base.
         target_modules: names (suffixes) of ``nn.Linear`` submodules to adapt; default: the
             model's ``lora_target_modules`` (MDLM: attention ``attn_qkv``, ``attn_out`` and
             the MLP ``mlp.0``, ``mlp.2``).
@@ -89,6 +92,7 @@ class LoRADenoiser(nn.Module):
         alpha: float = 16.0,
         target_modules: Sequence[str] | None = None,
         dropout: float = 0.0,
+        init: bool | str = True,
         _peft_model: Any = None,
         _fingerprint: str | None = None,
     ):
@@ -99,6 +103,8 @@ class LoRADenoiser(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if not alpha > 0:
             raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        if init not in (True, "gaussian"):
+            raise ValueError(f"LoRA init must be true (Kaiming A) or 'gaussian', got {init!r}")
         self.vocab_size, self.mask_id = base.vocab_size, base.mask_id
         self.outputs_log_probs = bool(getattr(base, "outputs_log_probs", False))
         self.time_conditioning = bool(getattr(base, "time_conditioning", False)) or bool(
@@ -111,6 +117,7 @@ class LoRADenoiser(nn.Module):
                 r=rank,
                 lora_alpha=alpha,
                 lora_dropout=dropout,
+                init_lora_weights=init,
                 target_modules=list(target_modules or default_target_modules(base)),
                 bias="none",
             )
@@ -196,3 +203,50 @@ class LoRADenoiser(nn.Module):
                 f"(adapter_config.json or the weights do not fit the base): {err}"
             ) from None
         return cls(base, _peft_model=model, _fingerprint=fingerprint)
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance as a denoiser: the normalized CFG kernel of ``denoiser``.
+
+    ``log p_w(v | x_t, c) = log_softmax_v(w log p(v | x_t, c) + (1 - w) log p(v | x_t, null))``
+    at every position (``w`` = Meissonic's guidance scale: logits ``u + w (c - u)``; ``w = 1`` is
+    the conditional model), with ``null`` = ``null_cond`` (a class label for every row) or, when
+    ``None``, the denoiser called with ``cond=None`` (a ``MeissonicDenoiser``'s null class).
+    Tokens outside the conditional support (the mask) stay at ``-inf``. It returns normalized
+    log-probabilities (``outputs_log_probs``), so a sampler driving it draws exactly from the
+    standard CFG sampler's kernel, and a LoRA proposal and its reference are guided alike:
+    ``GuidedDenoiser(lora)`` / ``GuidedDenoiser(lora.base_denoiser)`` (two network calls each).
+    """
+
+    outputs_log_probs = True
+
+    def __init__(self, denoiser: Any, weight: float, null_cond: int | None = None):
+        weight = float(weight)
+        if not weight > 0 or weight != weight or weight == float("inf"):
+            raise ValueError(f"guidance weight must be a finite number > 0, got {weight!r}")
+        self.denoiser, self.weight, self.null_cond = denoiser, weight, null_cond
+        self.vocab_size, self.mask_id = denoiser.vocab_size, denoiser.mask_id
+        self.time_conditioning = bool(getattr(denoiser, "time_conditioning", False))
+
+    def _log_probs(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        out = self.denoiser(x_t, t, cond).float()
+        if getattr(self.denoiser, "outputs_log_probs", False):
+            return out
+        out = out.clone()
+        out[..., self.mask_id] = -torch.inf
+        return torch.log_softmax(out, dim=-1)
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        lp_c = self._log_probs(x_t, t, cond)
+        if self.weight == 1.0:
+            return lp_c
+        null = None
+        if self.null_cond is not None:
+            null = torch.full((x_t.shape[0],), self.null_cond, dtype=torch.long, device=x_t.device)
+        lp_u = self._log_probs(x_t, t, null)
+        mixed = self.weight * lp_c + (1.0 - self.weight) * lp_u
+        mixed = torch.where(torch.isfinite(lp_c) & torch.isfinite(lp_u), mixed, -torch.inf)
+        return torch.log_softmax(mixed, dim=-1)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.denoiser.parameters()

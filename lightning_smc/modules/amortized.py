@@ -26,11 +26,30 @@ so ``W`` DDP ranks drawing ``rollouts`` each compute the same loss terms as one 
 The replay buffer is part of the checkpoint (per rank), so training resumes exactly. At the end of fitting the adapter is written in peft's format (plus
 ``F_psi`` and the base fingerprint) to ``export_dir`` (default ``<default_root_dir>/adapter``),
 ready for ``DenoiserProposal`` through ``LoRADenoiser.from_adapter``.
+
+**Image backbones.** ``base`` may name an image model (``"embedded_image"``, an
+``ImagePretraining`` folder: ``models.image.load_image_model``); ``classes`` then gives the class
+label of every rollout (``cond`` per row, expanded to its particles by the sampler, stored with
+the replay buffer), and ``log_normalizer="mlp_cond"`` makes ``F_psi(t, c)`` a function of the
+time and the class. ``guidance=w`` puts classifier-free guidance inside the rollouts: the
+reference ``p_theta`` is the **normalized CFG kernel** ``log_softmax(w log p(.|x_t, c) + (1 - w)
+log p(.|x_t, null))`` (``models.lora.GuidedDenoiser``; ``w`` = Meissonic's guidance scale, logits
+``u + w (c - u)``) and ``q_phi`` is the same combination of the adapted network's two branches
+(so a zero adapter is exactly the reference). The target is then the distribution of the
+standard CFG sampler (ancestral unmasking, ``num_steps`` steps), tilted: ``pi(x0) propto
+p_CFG(x0 | c) exp(r(x0) / alpha)``, with ``log w`` above using ``log p_CFG`` in place of
+``log p_theta``: the weights stay exact for this target (the CFG product of experts
+``p^w p_null^(1 - w)`` of ``ProductTargetSpec`` is a different target: its weights carry the
+mixture's normalizers). ``reward_warmup_steps`` anneals the reward weight: at global step ``k``
+the rollouts and the loss use ``alpha_k = alpha / min(1, (k + 1) / reward_warmup_steps)``
+(validation always uses ``alpha``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +60,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..methods import DenoiserProposalSpec, Method, RewardTiltSpec, build_sampler
-from ..models.lora import LoRADenoiser
+from ..models.lora import GuidedDenoiser, LoRADenoiser
 from ..potentials import get_twist_schedule
 from ..rewards import BaseReward
 from ..sampler import SMCSampler
@@ -62,6 +81,9 @@ __all__ = [
     "transition_log_weights",
 ]
 
+
+#: the training settings written beside the adapter by ``save_adapter``
+TRAINING_RECORD = "lsmc_amortized.json"
 
 #: integer keys of ``derive_seed`` for each source of randomness
 _STAGES = {"train": 0, "transitions": 1, "val": 2, "replay": 3, "paired": 4, "siblings": 5}
@@ -121,6 +143,18 @@ class AmortizedProposalModule(L.LightningModule):
             and its ``F_psi`` (same ``num_steps`` and ``log_normalizer`` kind).
         steps_per_epoch, seed: loop length per epoch and the seed of all randomness.
         export_dir: where ``on_fit_end`` writes the adapter (default ``<root>/adapter``).
+        classes: class labels of the rollouts (class-conditional bases): rollout ``i`` of the
+            ``W * rollout_prompts`` rollouts of step ``k`` is conditioned on
+            ``classes[(k * W * rollout_prompts + i) % len(classes)]``; ``None``: ``cond=None``
+            (text; an image model's null class).
+        guidance: classifier-free guidance scale ``w`` of the reference and of ``q_phi``
+            (module docstring); ``None``: no guidance (the conditional model).
+        null_class: the class label of CFG's unconditional branch (``None``: ``cond=None``).
+        lora_init: peft's ``init_lora_weights``, ``true`` or ``"gaussian"`` (both start at the
+            base: ``lora_B = 0``).
+        weight_decay: AdamW weight decay of the adapter (``F_psi`` has none).
+        reward_warmup_steps: anneal the reward weight ``1 / alpha`` linearly over the first
+            that many steps (0: none; see the module docstring).
     """
 
     def __init__(
@@ -151,6 +185,12 @@ class AmortizedProposalModule(L.LightningModule):
         steps_per_epoch: int = 100,
         seed: int = 0,
         export_dir: str | None = None,
+        classes: Sequence[int] | None = None,
+        guidance: float | None = None,
+        null_class: int | None = None,
+        lora_init: bool | str = True,
+        weight_decay: float = 0.0,
+        reward_warmup_steps: int = 0,
     ):
         super().__init__()
         if reward is None:
@@ -191,16 +231,43 @@ class AmortizedProposalModule(L.LightningModule):
             raise ValueError(
                 f"twist_samples must be an int >= 0 (0: greedy x0), got {twist_samples!r}"
             )
+        if reward_warmup_steps < 0 or weight_decay < 0:
+            raise ValueError("reward_warmup_steps and weight_decay must be >= 0")
+        if reward_warmup_steps and replay_size and twist_estimate == "rollout":
+            raise ValueError(
+                "reward_warmup_steps with replay_size > 0 needs twist_estimate='paired': the "
+                "replayed rollouts recorded their twists under an earlier reward weight"
+            )
+        if classes is not None:
+            classes = [int(c) for c in classes]
+            if not classes or min(classes) < 0:
+                raise ValueError(f"classes must be a non-empty list of labels >= 0, got {classes}")
+        if guidance is not None and not (float(guidance) > 0 and math.isfinite(guidance)):
+            raise ValueError(f"guidance must be a finite scale > 0 (or null), got {guidance!r}")
         self.save_hyperparameters(ignore=["reward", "base", "potential"])
+        self.hparams["classes"] = classes
         # as plain values: a checkpoint holds tensors and plain containers only (weights_only)
         self.hparams["potential"] = dataclasses.asdict(potential)
         self.base_source = base
         denoiser = self._load_base(base)
         for p in denoiser.parameters():
             p.requires_grad_(False)
-        self.f_psi = LogNormalizer(num_steps, log_normalizer)
+        num_classes = _num_classes(denoiser)
+        if classes is not None and (num_classes is None or max(classes) > num_classes):
+            raise ValueError(
+                f"classes={classes}: the base has {num_classes or 'no'} classes (labels "
+                f"0..{num_classes} with the null class); give labels it knows, or classes: null"
+            )
+        if log_normalizer == "mlp_cond" and num_classes is None:
+            raise ValueError(
+                "log_normalizer='mlp_cond' is F_psi(t, class): the base is not class-conditional "
+                "(no num_classes); use 'per_step' or 'mlp'"
+            )
+        self.f_psi = LogNormalizer(num_steps, log_normalizer, num_classes=num_classes or 0)
         if init_adapter is None:
-            self.q = LoRADenoiser(denoiser, lora_rank, lora_alpha, target_modules, lora_dropout)
+            self.q = LoRADenoiser(
+                denoiser, lora_rank, lora_alpha, target_modules, lora_dropout, init=lora_init
+            )
         else:
             self.q = self._start_from(denoiser, init_adapter)
         self.reward = reward
@@ -214,6 +281,7 @@ class AmortizedProposalModule(L.LightningModule):
         )
         self.rollout_sampler()  # builds the target now: bad settings fail here, not in fit
         self.replay: list[SMCPath] = []
+        self.replay_cond: list[Tensor | None] = []  # the rows' class labels, with the buffer
 
     def _start_from(self, denoiser: nn.Module, adapter: str) -> LoRADenoiser:
         """``q_phi`` and ``F_psi`` from a saved adapter folder (trainable)."""
@@ -221,7 +289,13 @@ class AmortizedProposalModule(L.LightningModule):
         from ..models.loading import resolve_adapter
 
         hp = self.hparams
-        defaults = {"lora_rank": 8, "lora_alpha": 16.0, "target_modules": None, "lora_dropout": 0.0}
+        defaults = {
+            "lora_rank": 8,
+            "lora_alpha": 16.0,
+            "target_modules": None,
+            "lora_dropout": 0.0,
+            "lora_init": True,
+        }
         changed = [k for k, v in defaults.items() if hp[k] != v]
         if changed:
             raise ValueError(
@@ -242,20 +316,58 @@ class AmortizedProposalModule(L.LightningModule):
 
     @staticmethod
     def _load_base(base: Any) -> nn.Module:
+        """A module as it is; an image model name or folder through ``load_image_model`` (its
+        denoiser); anything else through the text loader ``load_denoiser``."""
         if isinstance(base, nn.Module):
             return base
+        from ..models.image import is_image_model, load_image_model
+
+        if is_image_model(base):
+            return load_image_model(base).denoiser
         from ..models.loading import load_denoiser
 
         return load_denoiser(base)
 
+    # ------------------------------------------------------------------ networks and target
+    @property
+    def reference(self) -> Any:
+        """``p_theta`` of the target: the base (adapter off), CFG-combined with ``guidance``."""
+        return self._guided(self.q.base_denoiser)
+
+    @property
+    def proposal(self) -> Any:
+        """``q_phi``: the adapted network, CFG-combined like the reference with ``guidance``."""
+        return self._guided(self.q)
+
+    def _guided(self, network: Any) -> Any:
+        hp = self.hparams
+        if hp.guidance is None:
+            return network
+        return GuidedDenoiser(network, hp.guidance, hp.null_class)
+
+    def alpha_at(self, step: int | None = None) -> float:
+        """The tilt's ``alpha`` at global step ``step`` (``None``: the target's own ``alpha``):
+        ``alpha / min(1, (step + 1) / reward_warmup_steps)`` while the reward weight warms up."""
+        alpha, warmup = self.method.potential.alpha, self.hparams.reward_warmup_steps
+        if step is None or not warmup:
+            return alpha
+        return alpha / min(1.0, (step + 1) / warmup)
+
     # ------------------------------------------------------------------ sampling
-    def rollout_sampler(self, num_particles: int | None = None) -> SMCSampler:
+    def rollout_sampler(
+        self, num_particles: int | None = None, alpha: float | None = None
+    ) -> SMCSampler:
         """The shared sampler drawing from ``q_phi`` under the tilt (``self.method``, built by
-        ``methods.build_sampler`` with this module's reward and LoRA proposal)."""
+        ``methods.build_sampler`` with this module's reward, reference and LoRA proposal;
+        ``alpha``: the tilt's, default the target's)."""
         method = self.method
         if num_particles is not None:
             method = dataclasses.replace(method, num_particles=num_particles)
-        return build_sampler(method, self.q.base_denoiser, reward=self.reward, amortized=self.q)
+        if alpha is not None:
+            method = dataclasses.replace(
+                method, potential=dataclasses.replace(method.potential, alpha=alpha)
+            )
+        return build_sampler(method, self.reference, reward=self.reward, amortized=self.proposal)
 
     def _world(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the trainer this module is attached to (``(0, 1)`` alone)."""
@@ -286,40 +398,72 @@ class AmortizedProposalModule(L.LightningModule):
             for i in range(count)
         ]
 
-    def rollout(self, stage: str = "train", step: int | None = None) -> SMCPath:
-        """``rollouts`` sequences from the shared sampler with ``q_phi`` (no gradient)."""
+    def rollout_labels(self, step: int | None = None) -> Tensor | None:
+        """The class label of each rollout of this rank at ``step`` ``[rollout_prompts]`` (see
+        ``classes``), or ``None`` without ``classes``."""
+        classes = self.hparams.classes
+        if classes is None:
+            return None
+        step = self.global_step if step is None else step
+        rank, world = self._world()
+        count = self.rollout_prompts()
+        first = step * world * count + rank * count
+        picked = [classes[(first + i) % len(classes)] for i in range(count)]
+        return torch.tensor(picked, dtype=torch.long, device=self.device)
+
+    def rollout(
+        self, stage: str = "train", step: int | None = None, alpha: float | None = None
+    ) -> SMCPath:
+        """``rollouts`` sequences from the shared sampler with ``q_phi`` (no gradient); the path
+        carries the rows' class labels as ``path.cond`` (``None`` without ``classes``)."""
         hp = self.hparams
+        labels = self.rollout_labels(step)
         was_training = self.q.training
         self.q.eval()
         try:
-            out = self.rollout_sampler().sample(
+            out = self.rollout_sampler(alpha=alpha).sample(
                 hp.seq_len,
+                cond=labels,
                 generator=self._generators(stage, step, self.device),
                 device=self.device,
                 record_path=True,
             )
         finally:
             self.q.train(was_training)
-        return out.path
+        path = out.path
+        path.cond = None if labels is None else labels.repeat_interleave(hp.rollout_particles)
+        return path
 
     # ------------------------------------------------------------------ loss
-    def loss_on(self, path: SMCPath, step: int | None = None) -> dict[str, Tensor]:
+    def loss_on(
+        self,
+        path: SMCPath,
+        step: int | None = None,
+        cond: Tensor | None = None,
+        alpha: float | None = None,
+    ) -> dict[str, Tensor]:
         """The loss terms of the transitions in ``path`` (``step``: the global step whose seeds
-        the ``"paired"`` twist estimate uses; default the current one)."""
+        the ``"paired"`` twist estimate uses; default the current one; ``cond``: the rows'
+        class labels ``[R]``, default ``path.cond`` as ``rollout`` sets it; ``alpha``: the
+        tilt's, default ``alpha_at(step)``)."""
+        step = self.global_step if step is None else step
+        cond = getattr(path, "cond", None) if cond is None else cond
+        alpha = self.alpha_at(step) if alpha is None else alpha
         if self.hparams.baseline == "per_state":
-            return self._sibling_loss(path, self.global_step if step is None else step)
+            return self._sibling_loss(path, step, cond, alpha)
         change = None
         if self.hparams.twist_estimate == "paired":
-            change = self.paired_twist_change(path, self.global_step if step is None else step)
+            change = self.paired_twist_change(path, step, cond, alpha)
         log_w, kl = transition_log_weights(
             path,
-            self.q.base_denoiser,
-            self.q,
+            self.reference,
+            self.proposal,
             self.q.mask_id,
+            cond=cond,
             kl=self.hparams.kl_weight > 0,
             twist_change=change,
         )
-        offset = self.f_psi(path.step.to(self.device), path.t.to(self.device)).unsqueeze(1)
+        offset = self._f_psi(path, cond)
         loss = log_variance_loss(log_w, offset)
         out = {"log_variance": loss.detach(), "log_w_var": log_w.detach().var(dim=1).mean()}
         if self.hparams.baseline == "batch_mean":
@@ -346,7 +490,17 @@ class AmortizedProposalModule(L.LightningModule):
             for r in range(rows)
         ]
 
-    def _sibling_loss(self, path: SMCPath, step: int) -> dict[str, Tensor]:
+    def _f_psi(self, path: SMCPath, cond: Tensor | None) -> Tensor:
+        """``F_psi`` of the path's transitions, ``[K, 1]`` (``[K, R]`` with ``mlp_cond`` and
+        per-row labels)."""
+        if cond is not None:
+            cond = cond.to(self.device)
+        offset = self.f_psi(path.step.to(self.device), path.t.to(self.device), cond)
+        return offset.unsqueeze(1) if offset.dim() == 1 else offset
+
+    def _sibling_loss(
+        self, path: SMCPath, step: int, cond: Tensor | None, alpha: float
+    ) -> dict[str, Tensor]:
         """``baseline="per_state"``: the mean within-state sample variance of the siblings'
         ``log w`` for ``q_phi``, ``F_psi``'s squared error on the recorded transitions."""
         hp = self.hparams
@@ -354,21 +508,22 @@ class AmortizedProposalModule(L.LightningModule):
         generators = self._row_generators("siblings", step, path.x_from.shape[1])
         log_w, log_ratio = sibling_log_weights(
             path,
-            self.q.base_denoiser,
-            self.q,
+            self.reference,
+            self.proposal,
             self.reward,
-            spec.alpha,
+            alpha,
             get_twist_schedule(spec.schedule),
             hp.num_steps,
             hp.siblings,
             hp.twist_samples,
             generators,
             self.q.mask_id,
+            cond,
         )
         J = log_w.shape[-1]
         spread = ((log_w - log_w.detach().mean(-1, keepdim=True)) ** 2).sum(-1) / (J - 1)
         recorded = log_w[..., 0].detach()
-        offset = self.f_psi(path.step.to(self.device), path.t.to(self.device)).unsqueeze(1)
+        offset = self._f_psi(path, cond)
         loss = spread.mean() + log_variance_loss(recorded, offset)
         out = {
             "log_variance": log_variance_loss(recorded, offset).detach(),
@@ -380,23 +535,31 @@ class AmortizedProposalModule(L.LightningModule):
         out["loss"] = loss
         return out
 
-    def paired_twist_change(self, path: SMCPath, step: int) -> Tensor:
+    def paired_twist_change(
+        self,
+        path: SMCPath,
+        step: int,
+        cond: Tensor | None = None,
+        alpha: float | None = None,
+    ) -> Tensor:
         """``log gamma_s - log gamma_t`` of every transition of ``path`` with common random
         numbers (``log_variance.paired_twist_change``); row ``r``'s uniforms are seeded by
-        ``(seed, step, global row index)``, so every world size draws the same."""
+        ``(seed, step, global row index)``, so every world size draws the same. The twists'
+        x0 draws come from the reference (CFG-combined with ``guidance``)."""
         hp = self.hparams
         spec = self.method.potential
         generators = self._row_generators("paired", step, path.x_from.shape[1])
         return paired_twist_change(
             path,
-            self.q.base_denoiser,
+            self.reference,
             self.reward,
-            spec.alpha,
+            self.alpha_at(step) if alpha is None else alpha,
             get_twist_schedule(spec.schedule),
             hp.num_steps,
             hp.twist_samples,
             generators,
             self.q.mask_id,
+            cond,
         )
 
     def _pick_transitions(self, path: SMCPath) -> SMCPath:
@@ -406,9 +569,12 @@ class AmortizedProposalModule(L.LightningModule):
         the rank, so every world size picks the same transitions."""
         hp = self.hparams
         step = self.global_step
+        cond = getattr(path, "cond", None)
         if hp.replay_size:
             self.replay.append(path.to("cpu"))
+            self.replay_cond.append(None if cond is None else cond.cpu())
             del self.replay[: -hp.replay_size]
+            del self.replay_cond[: -hp.replay_size]
             rank, _ = self._world()
             R = path.x_from.shape[1]
             source = torch.tensor(
@@ -418,20 +584,26 @@ class AmortizedProposalModule(L.LightningModule):
                 ]
             )
             path = _replayed(self.replay, source).to(self.device)
+            if cond is not None:
+                picked = [self.replay_cond[s][r] for r, s in enumerate(source.tolist())]
+                cond = torch.stack(picked).to(self.device)
         T = path.x_from.shape[0]
-        if hp.transitions is None or hp.transitions >= T:
-            return path
-        g = torch.Generator().manual_seed(derive_seed(hp.seed, _STAGES["transitions"], step))
-        steps = torch.randperm(T, generator=g)[: hp.transitions].sort().values
-        return path.select(steps.to(path.x_from.device))
+        if hp.transitions is not None and hp.transitions < T:
+            g = torch.Generator().manual_seed(derive_seed(hp.seed, _STAGES["transitions"], step))
+            steps = torch.randperm(T, generator=g)[: hp.transitions].sort().values
+            path = path.select(steps.to(path.x_from.device))
+        path.cond = cond
+        return path
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        path = self.rollout("train")
-        alpha = self.method.potential.alpha
+        alpha = self.alpha_at(self.global_step)
+        path = self.rollout("train", alpha=alpha)
         terms = {
             "rollout_reward": (alpha * path.twist_to[-1]).mean()
         }  # exact final twist r / alpha
-        terms.update(self.loss_on(self._pick_transitions(path)))
+        if self.hparams.reward_warmup_steps:
+            terms["reward_weight"] = torch.tensor(1.0 / alpha)
+        terms.update(self.loss_on(self._pick_transitions(path), alpha=alpha))
         for name, value in terms.items():
             self.log(
                 f"train/{name}",
@@ -443,8 +615,9 @@ class AmortizedProposalModule(L.LightningModule):
         return terms["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        path = self.rollout("val", step=batch_idx)  # the same seeds at every validation
-        terms = self.loss_on(path, step=batch_idx)
+        alpha = self.alpha_at(None)  # the target's own alpha
+        path = self.rollout("val", step=batch_idx, alpha=alpha)  # the same seeds every time
+        terms = self.loss_on(path, step=batch_idx, alpha=alpha)
         terms["rollout_reward"] = (self.method.potential.alpha * path.twist_to[-1]).mean()
         for name in ("log_variance", "log_w_var", "sibling_var", "rollout_reward", "is_ess"):
             if name in terms:
@@ -466,19 +639,26 @@ class AmortizedProposalModule(L.LightningModule):
         return torch.optim.AdamW(
             [
                 {"params": adapter, "lr": self.hparams.lr},
-                {"params": list(self.f_psi.parameters()), "lr": self.hparams.normalizer_lr},
+                {
+                    "params": list(self.f_psi.parameters()),
+                    "lr": self.hparams.normalizer_lr,
+                    "weight_decay": 0.0,
+                },
             ],
-            weight_decay=0.0,
+            weight_decay=self.hparams.weight_decay,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The replay buffer of **all** ranks (rows in global order; every rank takes part, rank
         zero writes), so a resume restores each rank's rows, for any world size."""
         checkpoint["replay"] = [vars(_gather_rows(p, self)) for p in self.replay]
+        checkpoint["replay_cond"] = [_gather_cond(c, self) for c in self.replay_cond]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rank, world = self._world()
         self.replay = [_shard_rows(SMCPath(**p), rank, world) for p in checkpoint.get("replay", [])]
+        conds = checkpoint.get("replay_cond", [None] * len(self.replay))
+        self.replay_cond = [None if c is None else c.chunk(world)[rank] for c in conds]
 
     def on_fit_end(self) -> None:
         # not after fast_dev_run, nor after a fit with no optimizer step (an untrained adapter)
@@ -493,6 +673,16 @@ class AmortizedProposalModule(L.LightningModule):
         directory = self.q.save_adapter(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.f_psi.state_dict().items()}
         save_file(state, str(Path(directory) / "f_psi.safetensors"))
+        hp = self.hparams
+        record = {  # how q_phi was trained: load it with the same guidance and F_psi kind
+            "guidance": hp.guidance,
+            "null_class": hp.null_class,
+            "classes": hp.classes,
+            "log_normalizer": hp.log_normalizer,
+            "num_steps": hp.num_steps,
+            "alpha": self.method.potential.alpha,
+        }
+        (Path(directory) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return Path(directory)
 
 
@@ -532,6 +722,23 @@ def _gather_rows(path: SMCPath, module: AmortizedProposalModule) -> SMCPath:
         value = module.all_gather(getattr(path, f).to(module.device)).cpu()  # [W, T, R, ...]
         rows[f] = value.transpose(0, 1).flatten(1, 2)
     return SMCPath(t=path.t, step=path.step, **rows)
+
+
+def _gather_cond(cond: Tensor | None, module: AmortizedProposalModule) -> Tensor | None:
+    """The rows' labels of every rank in global order ``[W * R]`` (as ``_gather_rows``)."""
+    if cond is None or module._world()[1] == 1:
+        return cond
+    return module.all_gather(cond.to(module.device)).cpu().flatten()
+
+
+def _num_classes(denoiser: Any) -> int | None:
+    """The number of classes of a class-conditional denoiser (``num_classes`` or its
+    transformer's config), else ``None``."""
+    found = getattr(denoiser, "num_classes", None)
+    if found is None:
+        config = getattr(getattr(denoiser, "transformer", None), "config", None)
+        found = getattr(config, "num_classes", None)
+    return None if found is None else int(found)
 
 
 def _shard_rows(path: SMCPath, rank: int, world: int) -> SMCPath:

@@ -33,24 +33,39 @@ __all__ = [
 
 
 class LogNormalizer(nn.Module):
-    """``F_psi``: a learned log-normalizer per transition time.
+    """``F_psi``: a learned log-normalizer per transition time (and condition).
 
     ``kind="per_step"``: one scalar per step index (``num_steps`` of them, zero-initialised);
-    ``kind="mlp"``: ``MLP(sin/cos features of t)`` with a zero-initialised output layer."""
+    ``kind="mlp"``: ``MLP(sin/cos features of t)`` with a zero-initialised output layer;
+    ``kind="mlp_cond"``: ``F_psi(t, c) = MLP([sin/cos features of t, E[c]])`` with ``E`` an
+    embedding of the class label ``c`` (``num_classes + 1`` rows, the last one for
+    ``cond=None``, the unconditional input), zero-initialised output layer. ``cond [R]``: the
+    class label of each row (``forward`` then returns ``[K, R]``)."""
 
-    def __init__(self, num_steps: int, kind: str = "per_step", hidden: int = 32):
+    def __init__(
+        self, num_steps: int, kind: str = "per_step", hidden: int = 32, num_classes: int = 0
+    ):
         super().__init__()
-        if kind not in ("per_step", "mlp"):
-            raise ValueError(f"F_psi kind must be 'per_step' or 'mlp', got {kind!r}")
-        self.kind, self.num_steps = kind, num_steps
+        if kind not in ("per_step", "mlp", "mlp_cond"):
+            raise ValueError(f"F_psi kind must be 'per_step', 'mlp' or 'mlp_cond', got {kind!r}")
+        if kind == "mlp_cond" and num_classes < 1:
+            raise ValueError(
+                "F_psi kind 'mlp_cond' needs the number of classes of a class-conditional base "
+                f"(num_classes >= 1), got {num_classes}"
+            )
+        self.kind, self.num_steps, self.num_classes = kind, num_steps, num_classes
         if kind == "per_step":
             self.values = nn.Parameter(torch.zeros(num_steps))
-        else:
-            self.mlp = nn.Sequential(nn.Linear(8, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-            nn.init.zeros_(self.mlp[-1].weight)
-            nn.init.zeros_(self.mlp[-1].bias)
+            return
+        width = 8 + (8 if kind == "mlp_cond" else 0)
+        if kind == "mlp_cond":
+            self.embedding = nn.Embedding(num_classes + 1, 8)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, step: Tensor, t: Tensor) -> Tensor:
+    def forward(self, step: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``[K]`` for steps ``[K]``; ``[K, R]`` for ``kind="mlp_cond"`` with ``cond [R]``."""
         if self.kind == "per_step":
             if int(step.max()) >= self.num_steps:
                 raise ValueError(
@@ -59,7 +74,31 @@ class LogNormalizer(nn.Module):
             return self.values[step]
         freqs = torch.arange(1, 5, device=t.device, dtype=torch.float32) * math.pi
         angles = t.float().unsqueeze(-1) * freqs
-        return self.mlp(torch.cat([angles.sin(), angles.cos()], -1)).squeeze(-1)
+        features = torch.cat([angles.sin(), angles.cos()], -1)  # [K, 8]
+        if self.kind == "mlp":
+            return self.mlp(features).squeeze(-1)
+        labels = _class_ids(cond, self.num_classes, t.device)  # [R]
+        emb = self.embedding(labels)  # [R, 8]
+        K, R = features.shape[0], emb.shape[0]
+        both = torch.cat([features[:, None].expand(K, R, 8), emb[None].expand(K, R, 8)], -1)
+        return self.mlp(both).squeeze(-1)
+
+
+def _class_ids(cond: Tensor | None, num_classes: int, device: Any) -> Tensor:
+    """Row labels ``[R]`` of ``cond`` (``None``: one row of the unconditional index)."""
+    if cond is None:
+        return torch.full((1,), num_classes, dtype=torch.long, device=device)
+    if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.dim() != 1:
+        raise TypeError(
+            "F_psi kind 'mlp_cond' takes class labels, a LongTensor [R]; got "
+            f"{type(cond).__name__}{tuple(cond.shape) if isinstance(cond, Tensor) else ''}"
+        )
+    if len(cond) and (int(cond.min()) < 0 or int(cond.max()) > num_classes):
+        raise ValueError(
+            f"F_psi: class labels must lie in [0, {num_classes}] ({num_classes} = null class), "
+            f"got [{int(cond.min())}, {int(cond.max())}]"
+        )
+    return cond.to(device)
 
 
 def transition_log_weights(
@@ -187,7 +226,7 @@ def paired_twist_change(
         mask_id,
         uniforms,
         num_samples,
-        cond,
+        _repeat_cond(cond, S),
     ).reshape(S, R)
     value_from = torch.tensor(lam_from, dtype=torch.float64, device=device)[:, None] * r_hat[:K]
     index = torch.tensor(to_index, device=device)
