@@ -71,6 +71,7 @@ from .proposals import Proposal
 from .sampling.cache import CachedDenoiser
 from .sampling.checks import WeightGuard, check_cond, check_count, check_sample_args, check_strategy
 from .sampling.context import Scratch, StepContext, expand_rows, outputs_log_probs
+from .sampling.eos import EndOfSequence, eos_ids_of
 from .sampling.layouts import LocalParticles, get_layout
 from .sampling.output import SMCOutput
 from .sampling.propose import Kernel
@@ -119,6 +120,9 @@ class SMCSampler:
         cache: reuse a particle's logits when none of its tokens changed (MDLM's ``ddpm_cache``;
             needs a denoiser without time conditioning). ``out.nfe`` counts what was evaluated.
         progress_bar: show a progress bar over steps.
+        stop_at_eos: finish a row once a completed block of it is all end tokens (the
+            denoiser's ``eos_id``; the rest of the row is filled with end tokens and never
+            drawn again) and stop when every row is finished (``sampling.eos``). Off by default.
         layout: where the particles live: ``"local"`` (this process) or ``"sharded"`` /
             ``ParticleShards(group)`` (split over the ranks of a ``torch.distributed`` group,
             global resampling; see ``lightning_smc.sampling.layouts``).
@@ -143,6 +147,7 @@ class SMCSampler:
         cache: bool = False,
         progress_bar: bool = False,
         layout: Literal["local", "sharded"] | LocalParticles = "local",
+        stop_at_eos: bool = False,
     ):
         num_particles = check_count(num_particles, "num_particles")
         num_steps = check_count(num_steps, "num_steps")
@@ -184,6 +189,10 @@ class SMCSampler:
         self.followers = stateful_networks(denoiser, self.potential, proposal)
         CachedDenoiser(denoiser, cache, followers=self.followers)  # validates the combination
         self.layout = get_layout(layout)
+        if not isinstance(stop_at_eos, bool):
+            raise TypeError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
+        self.stop_at_eos = stop_at_eos
+        self.eos_ids = eos_ids_of(denoiser) if stop_at_eos else ()
         self.kernel = Kernel(
             self.policy, self.potential, proposal, temperature, top_p, self._normalizes_rows_only()
         )
@@ -240,6 +249,7 @@ class SMCSampler:
         run = RunState.start(x, B, self.num_particles, T, record_path)
         run.guard = WeightGuard(self.layout, self.potential, self.proposal)
         scratch, generated = Scratch(), x == self.denoiser.mask_id
+        eos = EndOfSequence(self.eos_ids, self.denoiser.mask_id, x.device) if self.eos_ids else None
         for plan in tqdm(plans, desc="SMC", disable=not self.progress_bar, leave=False):
             if self._block_finished(run, plan):
                 continue
@@ -248,6 +258,7 @@ class SMCSampler:
             ctx = StepContext(run.x, t, plan, cond, rows, n, self.denoiser.mask_id, scratch)
             ctx.generated = generated
             base_lp = network(run.x, t, cond)  # evaluate
+            run.steps += 1
             run.extra_evals += self.potential.extra_nfe + (
                 self.proposal.extra_nfe if self.proposal is not None else 0
             )
@@ -256,17 +267,32 @@ class SMCSampler:
             x_from = run.x
             run.x, increment = self._propagate(ctx, base_lp, index)  # propose, weigh the move
             self.layout.add(run.log_w, increment)
+            self.layout.accumulate(run.log_confidence, ctx.confidence)
             run.guard.check(run.log_w, increment, "move")
             if run.path is not None:  # record
                 run.path.add(x_from, run.x, plan, run.twist)
+            if eos is not None and self._stop_at_eos(run, plan, eos, generated):
+                break
         self._reweigh(run, self.potential.final_twist(run.x), "final twist")
         self.layout.settle(run.log_w)
+        self.layout.settle_sum(run.log_confidence)
         run.guard.settled(run.log_w)
         nfe = self.layout.total(network.evaluations) / (B * self.num_particles) + run.extra_evals
         out = run.trace.finish(self.layout.tokens(run.x, B), run.log_w, nfe)
+        out.log_confidence, out.steps = run.log_confidence, run.steps
         if run.path is not None:
             out.path = run.path.finish(run.twist)
         return out
+
+    def _stop_at_eos(self, run: RunState, plan: StepPlan, eos: EndOfSequence, generated) -> bool:
+        """Finish the rows whose block ended all end tokens (``sampling.eos``); ``True`` when no
+        row has a mask left, so the remaining steps are skipped (their ESS is the current one)."""
+        run.x = eos.finish_rows(run.x, plan, generated)
+        if self.layout.any(not eos.all_done(run.x)):
+            return False
+        self.layout.settle(run.log_w)
+        run.trace.ess[:, plan.step :] = ess(run.log_w).unsqueeze(1)
+        return True
 
     def _block_finished(self, run: RunState, plan: StepPlan) -> bool:
         """A policy that may finish a block early (``threshold``) left nothing to do in it."""
@@ -309,6 +335,8 @@ class SMCSampler:
         if not chosen.any():
             return base_lp, None
         index = self._resample(run.log_w, chosen, resample_rows, run.trace, k - 1)
+        self.layout.settle_sum(run.log_confidence)  # the lineage's sum follows the ancestors
+        run.log_confidence.copy_(run.log_confidence.gather(1, run.trace.ancestors[:, k - 1]))
         run.x, run.twist, base_lp, index = self.layout.follow(
             index, ctx, run.twist, base_lp, network
         )

@@ -23,7 +23,17 @@ from ..sampler import Resampling, SMCSampler, Unmasking
 from ..sampling.output import SMCOutput
 from .specs import PotentialSpec, ProposalSpec, RewardTiltSpec, Spec, as_spec
 
-__all__ = ["Method", "answers", "build_sampler", "evaluations_per_step", "match_budget"]
+#: the answer rules of ``Method.select``
+SELECT_RULES = ("weight", "reward", "confidence")
+
+__all__ = [
+    "SELECT_RULES",
+    "Method",
+    "answers",
+    "build_sampler",
+    "evaluations_per_step",
+    "match_budget",
+]
 
 
 # ------------------------------------------------------------------------------ method
@@ -42,7 +52,14 @@ class Method:
         potential: ``None`` (the plain target), a ``PotentialSpec`` or its registry name.
         proposal: ``None`` (the base kernel), a ``ProposalSpec`` or its registry name; it
             steers towards a reward, so it needs ``RewardTiltSpec``.
-        select: ``"weight"`` (highest-weight particle) or ``"reward"`` (best-of-N).
+        select: ``"weight"`` (highest-weight particle), ``"reward"`` (best-of-N) or
+            ``"confidence"`` (highest whole-trajectory log-confidence, ``SMCOutput.
+            log_confidence``: SR-SMC's answer in its reference code).
+        stop_at_eos: as in ``SMCSampler``: finish a row at its first all-end-token block and
+            stop when every row is finished (diffusion LLMs; the denoiser declares ``eos_id``).
+        kv_cache: Fast-dLLM's KV cache for block decoding of LLaDA / Dream
+            (``models.dllm_cache.CachedDiffusionLM``): ``"prefix"``, ``"dual"`` or ``None``;
+            its blocks are ``block_length``.
         shard_particles: split each prompt's ``num_particles`` over the ranks of the default
             process group (``SMCSampler(layout="sharded")``, global resampling): for ``N`` too
             large for one device. Every rank then samples every prompt and holds the same
@@ -63,9 +80,11 @@ class Method:
     resample_when: str | None = None
     schedule: Literal["linear", "cosine", "maskgit_cosine", "loglinear"] = "linear"
     confidence_threshold: float = 0.9
-    select: Literal["weight", "reward"] = "weight"
+    select: Literal["weight", "reward", "confidence"] = "weight"
     cache: bool = False
     shard_particles: bool = False
+    stop_at_eos: bool = False
+    kv_cache: Literal["prefix", "dual"] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -73,9 +92,22 @@ class Method:
             self.proposal = as_spec(self.proposal, ProposalSpec, "proposal")
         except ValueError as err:
             raise ValueError(f"method {self.name!r}: {err}") from None
-        if self.select not in ("weight", "reward"):
+        if self.select not in SELECT_RULES:
             raise ValueError(
-                f"method {self.name!r}: select={self.select!r} is not 'weight' or 'reward'"
+                f"method {self.name!r}: select={self.select!r} is not 'weight', 'reward' or "
+                "'confidence' (highest weight, highest reward, highest whole-trajectory "
+                "log-confidence)"
+            )
+        if self.kv_cache not in (None, "prefix", "dual"):
+            raise ValueError(
+                f"method {self.name!r}: kv_cache={self.kv_cache!r} is not 'prefix', 'dual' or "
+                "null (no KV cache)"
+            )
+        if self.kv_cache is not None and self.cache:
+            raise ValueError(
+                f"method {self.name!r}: cache: true (reuse unchanged rows' logits) and "
+                f"kv_cache: {self.kv_cache} (per-row KV state, every row evaluated) together; "
+                "keep one of them"
             )
         if self.potential is None and self.num_particles > 1 and self.select == "weight":
             raise ValueError(
@@ -150,6 +182,8 @@ def build_sampler(
         )
     except ValueError as err:
         raise ValueError(f"method {method.name!r}: {err}") from err
+    if method.kv_cache is not None:
+        denoiser = _with_kv_cache(method, denoiser)
     return SMCSampler(
         denoiser,
         num_particles=method.num_particles,
@@ -168,10 +202,35 @@ def build_sampler(
         cache=method.cache,
         progress_bar=progress_bar,
         layout="sharded" if method.shard_particles and dist.is_initialized() else "local",
+        stop_at_eos=method.stop_at_eos,
     )
 
 
+def _with_kv_cache(method: Method, denoiser: Any) -> Any:
+    """``denoiser`` wrapped in Fast-dLLM's KV cache (``kv_cache``), keeping its ``eos_id``."""
+    from ..models.dllm import DiffusionLMDenoiser
+    from ..models.dllm_cache import CachedDiffusionLM
+
+    if isinstance(denoiser, CachedDiffusionLM):
+        return denoiser
+    if not isinstance(denoiser, DiffusionLMDenoiser):
+        raise ValueError(
+            f"method {method.name!r}: kv_cache: {method.kv_cache} caches the keys / values of a "
+            f"diffusion LLM (LLaDA, Dream); {type(denoiser).__name__} is not one: set "
+            "kv_cache: null"
+        )
+    cached = CachedDiffusionLM(denoiser, method.kv_cache, block_length=method.block_length)
+    if getattr(denoiser, "eos_id", None) is not None:
+        cached.eos_id = denoiser.eos_id
+    return cached
+
+
 def answers(out: SMCOutput, method: Method, reward: Any = None) -> Tensor:
-    """One sequence per prompt ``[B, L]``: the highest-weight particle, or for
-    ``select: reward`` the particle with the highest reward (best-of-N)."""
-    return out.best(reward) if method.select == "reward" else out.best()
+    """One sequence per prompt ``[B, L]``: the highest-weight particle, for ``select: reward``
+    the particle with the highest reward (best-of-N), for ``select: confidence`` the particle
+    with the highest whole-trajectory log-confidence (``SMCOutput.best_confidence``)."""
+    if method.select == "reward":
+        return out.best(reward)
+    if method.select == "confidence":
+        return out.best_confidence()
+    return out.best()

@@ -5,7 +5,9 @@ Rows are particle sequences: ``R = B * N`` (prompt ``b``'s particles are rows ``
 (``diffusion.StepPlan``), ``cond`` the per-row conditioning, ``rows`` one generator per prompt.
 ``expand(value)`` repeats a per-prompt value (leading dimension ``B``) to per-row.
 ``rand_at(mask)`` draws uniforms for the True entries of a per-row mask from each prompt's own
-generator, so a prompt's randomness never depends on the rest of the batch. ``scratch`` (a
+generator, so a prompt's randomness never depends on the rest of the batch. ``confidence [R]``
+is written by the move (``sampling.propose.Kernel``): the sum of the untempered
+``log p_theta`` of the tokens it committed in each row. ``scratch`` (a
 ``Scratch``, shared by the steps of one run) holds reusable work buffers, so that the large
 per-step draws (``[#masked, V]`` float64) do not allocate fresh memory at every step.
 """
@@ -96,6 +98,7 @@ class StepContext:
     mask_id: int
     scratch: Scratch | None = None
     generated: Tensor | None = None  # [R, L] positions masked at the start (not the prompt)
+    confidence: Tensor | None = None  # [R] float64, set by the move: sum of committed log p
 
     @property
     def progress(self) -> float:

@@ -77,6 +77,14 @@ class LocalParticles:
     def settle(self, log_w: Tensor) -> None:
         """Bring ``log_w`` up to date before it is read (nothing is pending here)."""
 
+    def accumulate(self, total: Tensor, increment: Tensor) -> None:
+        """``total [B, N] += increment [B * n]`` for a running per-particle sum other than the
+        weights (the log-confidence); brought up to date by ``settle_sum`` before it is read."""
+        total += increment.view(total.shape)
+
+    def settle_sum(self, total: Tensor) -> None:
+        """Bring a sum kept with ``accumulate`` up to date (nothing is pending here)."""
+
     def any(self, flag: bool) -> bool:
         """``flag`` on any rank."""
         return flag
@@ -123,6 +131,7 @@ class ParticleShards(LocalParticles):
         self.group = group
         self.rows_sent = self.rows_received = 0
         self._pending: list[Tensor] = []
+        self._sums: dict[int, list[Tensor]] = {}  # accumulate: pending increments per sum
 
     def start(self, num_particles: int, device: torch.device, record_path: bool) -> int:
         if not (dist.is_available() and dist.is_initialized()):
@@ -144,7 +153,7 @@ class ParticleShards(LocalParticles):
                 "one rank's rows only); sample with layout='local' to record paths"
             )
         self.device, self.rows_sent, self.rows_received = torch.device(device), 0, 0
-        self._pending = []
+        self._pending, self._sums = [], {}
         return num_particles // self.world_size
 
     def generators(self, rows: RowGenerators) -> tuple[RowGenerators, RowGenerators]:
@@ -168,15 +177,25 @@ class ParticleShards(LocalParticles):
         self._pending.append(increment)
 
     def settle(self, log_w: Tensor) -> None:
-        if not self._pending:
+        pending, self._pending = self._pending, []
+        self._add_gathered(log_w, pending)
+
+    def accumulate(self, total: Tensor, increment: Tensor) -> None:
+        self._sums.setdefault(id(total), []).append(increment)
+
+    def settle_sum(self, total: Tensor) -> None:
+        self._add_gathered(total, self._sums.pop(id(total), []))
+
+    def _add_gathered(self, total: Tensor, pending: list[Tensor]) -> None:
+        """``total [B, N] +=`` the local increments ``pending`` of every rank, in order."""
+        if not pending:
             return
-        B, N = log_w.shape
-        k = len(self._pending)
-        parts = self._gather(torch.stack(self._pending))  # W x [k, B * n]
-        self._pending = []
+        B, N = total.shape
+        k = len(pending)
+        parts = self._gather(torch.stack(pending))  # W x [k, B * n]
         full = torch.stack([p.view(k, B, -1) for p in parts], dim=2).view(k, B, N)
         for increment in full:  # in order, as the single-process sampler adds them
-            log_w += increment
+            total += increment
 
     def any(self, flag: bool) -> bool:
         value = torch.tensor([int(flag)], device=self.device)

@@ -11,6 +11,11 @@ Shapes (``B`` prompts, ``N`` particles, ``L`` length, ``T`` steps):
   rows actually evaluated count, so it can be fractional);
 - ``overtakes [B]``: resamples at which the final best particle's ancestor was not the
   best particle of that moment (SR-SMC's "overtake" events);
+- ``log_confidence [B, N]`` float64: each particle's whole-trajectory log-confidence, the sum
+  over all steps of the untempered ``log p_theta`` of the tokens its lineage committed (a
+  resampled particle inherits its ancestor's sum; SR-SMC's answer rule, ``best_confidence``);
+- ``steps``: the steps whose network was evaluated (fewer than planned when a ``threshold``
+  block finished early or every row stopped at its end token);
 - ``path``: with ``sample(..., record_path=True)`` an ``SMCPath`` of every transition (the
   rollouts the amortized proposal trains on), else ``None``.
 """
@@ -65,6 +70,8 @@ class SMCOutput:
     nfe: float
     overtakes: Tensor
     path: SMCPath | None = None
+    log_confidence: Tensor | None = None
+    steps: int | None = None
 
     def best(self, score: Tensor | Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """The highest-weight particle per prompt ``[B, L]``. ``score`` ``[B, N]`` (or a reward
@@ -76,6 +83,16 @@ class SMCOutput:
             score = score(self.tokens.reshape(B * N, L)).reshape(B, N)
         index = score.argmax(dim=-1)
         return self.tokens[torch.arange(self.tokens.shape[0], device=index.device), index]
+
+    def best_confidence(self) -> Tensor:
+        """The particle with the highest whole-trajectory log-confidence per prompt ``[B, L]``
+        (SR-SMC's answer in its reference code)."""
+        if self.log_confidence is None:
+            raise ValueError(
+                "this SMCOutput has no log_confidence (it was not made by SMCSampler.sample); "
+                "rank by weight with best() instead"
+            )
+        return self.best(self.log_confidence)
 
     @property
     def weights(self) -> Tensor:

@@ -7,7 +7,10 @@ returns ``(x_s, increment [R])`` where
 
     increment = sum_{committed i} [exponent * log p_theta(x_s^i) + offset(x_s^i) - log q(x_s^i)]
 
-(the twist difference is added by the loop). Positions come from the policy in one of two
+(the twist difference is added by the loop). The move also leaves the per-row sum of the
+untempered ``log p_theta`` of the tokens it committed in ``ctx.confidence [R]`` (float64): the
+step's term of a particle's whole-trajectory log-confidence (``SMCOutput.log_confidence``).
+Positions come from the policy in one of two
 modes: **value-independent** policies (``ancestral``, ``random``) choose positions from
 uniforms and tokens are drawn only there; **ranking** policies (``low_confidence``,
 ``threshold``, ``maskgit``) draw a candidate at every masked position of the block and commit the
@@ -142,6 +145,7 @@ class Kernel:
         R, L = ctx.x_t.shape
         increment = torch.zeros(R, dtype=torch.float64, device=ctx.x_t.device)
         increment.index_add_(0, at // L, target - reference)
+        ctx.confidence = torch.zeros_like(increment).index_add_(0, at // L, lp)
         return increment
 
 

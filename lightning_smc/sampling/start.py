@@ -97,7 +97,8 @@ def stateful_networks(denoiser: Any, potential: Any, proposal: Any) -> list[Any]
 @dataclass
 class RunState:
     """The state of one run: rows ``x``, log-weights, the twist ``log gamma`` of the rows,
-    the diagnostics, the recorded path, the extra network evaluations and the weight guard."""
+    the diagnostics, the recorded path, the extra network evaluations, the weight guard, the
+    whole-trajectory log-confidence of each particle and the steps run."""
 
     x: Tensor
     log_w: Tensor
@@ -106,12 +107,17 @@ class RunState:
     path: PathRecorder | None
     extra_evals: int = 0
     guard: WeightGuard | None = None  # checks log_w after every increment (sampling.checks)
+    log_confidence: Tensor | None = None  # [B, N] float64: the lineage's committed log p
+    steps: int = 0  # steps whose network was evaluated
 
     @classmethod
     def start(cls, x: Tensor, B: int, N: int, T: int, record_path: bool) -> RunState:
         trace = Trace.empty(B, N, T, x.device)
         twist = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        return cls(x, trace.new_weights(), twist, trace, PathRecorder() if record_path else None)
+        path = PathRecorder() if record_path else None
+        run = cls(x, trace.new_weights(), twist, trace, path)
+        run.log_confidence = trace.new_weights()
+        return run
 
 
 def _module_device(denoiser: Any) -> torch.device:
