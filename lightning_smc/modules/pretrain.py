@@ -36,15 +36,25 @@ __all__ = ["MDLMPretraining", "masked_diffusion_loss"]
 
 
 def masked_diffusion_loss(
-    denoiser: nn.Module, x0: Tensor, schedule, generator: torch.Generator, eps: float = 1e-3
+    denoiser: nn.Module,
+    x0: Tensor,
+    schedule,
+    generator: torch.Generator,
+    eps: float = 1e-3,
+    maskable: Tensor | None = None,
 ) -> Tensor:
-    """Per-sequence ELBO terms ``[B]`` (mean over positions) for clean ``x0``."""
+    """Per-sequence ELBO terms ``[B]`` (mean over positions) for clean ``x0``.
+
+    ``maskable [B, L]`` (bool, optional): only these positions are ever masked and the sum is
+    divided by their count instead of ``L`` (LLaDA's SFT: the response, never the prompt)."""
     B, L = x0.shape
     u = torch.rand((), generator=generator, device=generator.device).to(x0.device)
     t = eps + (1 - eps) * ((u + torch.arange(B, device=x0.device) / B) % 1.0)
     move = 1.0 - schedule.alpha(t)
     noise = torch.rand((B, L), generator=generator, device=generator.device).to(x0.device)
     masked = noise < move.unsqueeze(1)
+    if maskable is not None:
+        masked, L = masked & maskable, maskable.sum(-1).clamp_min(1)
     x_t = torch.where(masked, torch.full_like(x0, denoiser.mask_id), x0)
     log_p = torch.log_softmax(denoiser(x_t, t).float(), dim=-1)
     nll = -log_p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
@@ -121,16 +131,15 @@ class MDLMPretraining(pl.LightningModule):
     def _tokens(batch) -> Tensor:
         return batch["input_ids"] if isinstance(batch, dict) else batch
 
+    def _nll(self, batch, generator: torch.Generator) -> Tensor:
+        """Per-sequence loss terms ``[B]`` of a training batch (subclasses change what is masked)."""
+        x0 = self._tokens(batch)
+        return masked_diffusion_loss(self.denoiser, x0, self.schedule, generator, self.hparams.eps)
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         dropout_seed = derive_seed(self.hparams.seed, 2, self.global_step, self.global_rank)
         with _seeded_global_rng(dropout_seed, self.device):
-            nll = masked_diffusion_loss(
-                self.denoiser,
-                self._tokens(batch),
-                self.schedule,
-                self._generator(0),
-                self.hparams.eps,
-            )
+            nll = self._nll(batch, self._generator(0))
         loss = nll.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
