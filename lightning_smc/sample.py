@@ -25,6 +25,17 @@ draws one image per class label instead: ``--prompt`` is a class (id or name) fo
 labels, log-weights, ESS), ``grid_<method>.png`` (and ``strip_<method>.png``: one sample's
 particles around its first resample) and ``summary.json`` (``evaluation.images``); one process.
 
+**Reasoning benchmarks.** A run with ``task`` (``gsm8k``, ``math500``, ``humaneval``, ``mbpp``;
+``configs/methods/dllm/``) on an LLaDA / Dream folder builds the task's few-shot prompts for
+its first ``limit`` problems (``evaluation.reasoning.build_prompt``), decodes ``gen_length``
+tokens after each left-padded prompt (``methods.complete_prompts``) and scores them
+(``evaluate_completions``): ``--out`` gets ``samples.jsonl`` (per problem: ``method``,
+``prompt``, ``completion``, ``extracted``, ``reference``, ``correct``) and ``summary.json``
+(per method: ``accuracy`` and ``accuracy_se``, NFE, steps, tokens/s)::
+
+    python -m lightning_smc.sample --config configs/methods/dllm/llada_instruct_srsmc.yaml \
+        --model checkpoints/LLaDA-8B-Instruct --task gsm8k --limit 8 --device cuda
+
 Under ``torchrun`` each rank samples a block of the prompts, metrics are reduced across ranks and
 rank zero writes the files, identical to one process's. Nothing non-finite is ever written: a
 NaN or infinite value is an error naming the method and the metric. The exact toy demo lives in
@@ -350,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = _parse(parser, argv)
     options = SampleOptions(**{f.name: cfg[f.name] for f in fields(SampleOptions)})
     runs = resolve_runs(parser, argv, cfg)
+    if _reasoning_runs(runs):
+        return _sample_reasoning(runs, options)
     if _image_runs(runs):
         return _sample_images(runs, options)
     names = parse_metric_names(options.metrics) if options.metrics else None
@@ -392,6 +405,78 @@ def _image_runs(runs: list[_Run]) -> bool:
     if len(kinds) > 1:
         raise SampleUsageError("--compare mixes image and text models: compare one kind at a time")
     return kinds == {True}
+
+
+def _reasoning_runs(runs: list[_Run]) -> bool:
+    """Whether the runs are reasoning-benchmark runs (``task`` set; all of them or none)."""
+    kinds = {run.config.task is not None for run in runs}
+    if len(kinds) > 1:
+        raise SampleUsageError("--compare mixes runs with and without task: give every run a task")
+    return kinds == {True}
+
+
+def _sample_reasoning(runs: list[_Run], options: SampleOptions) -> dict[str, dict[str, float]]:
+    """Reasoning benchmarks on a diffusion LLM: ``samples.jsonl`` and ``summary.json``."""
+    import json
+
+    from .data.reasoning import load_benchmark
+    from .evaluation.reasoning import (
+        TASKS,
+        build_prompt,
+        evaluate_completions,
+        task_name,
+        write_samples_jsonl,
+    )
+    from .methods import complete_prompts, match_budget
+    from .models.loading import model_kind
+
+    if options.metrics or options.gen_ppl or options.prompt:
+        raise SampleUsageError("--metrics / --gen_ppl / --prompt are for text runs without task")
+    summaries, items = {}, []
+    for run in runs:
+        config = run.config
+        if options.nfe_budget is not None:
+            config.method = match_budget(config.method, options.nfe_budget)
+        try:
+            task = task_name(config.task)
+        except (KeyError, ValueError):
+            raise SampleUsageError(f"--task {config.task}: not one of {', '.join(TASKS)}") from None
+        if model_kind(config.model) == "mdlm":
+            raise SampleUsageError(
+                f"{run.label}: task {task} needs a diffusion LLM (an LLaDA or Dream folder); "
+                f"{config.model} is not one (its config.json names neither)"
+            )
+        denoiser, spec = load_model(config.model, config.tokenizer, config.dtype)
+        denoiser.to(options.device)
+        records = load_benchmark(task, limit=config.limit)
+        prompts = [build_prompt(task, r) for r in records]
+        done = complete_prompts(
+            config.method, denoiser, spec.tokenizer, prompts, config.gen_length,
+            batch_size=config.batch_size, seed=config.seed, chat=config.chat, progress_bar=True,
+        )  # fmt: skip
+        scored, summary = evaluate_completions(task, records, done.texts)
+        name = config.method.name
+        name = name if name not in summaries else f"{name} ({run.label})"
+        for item, prompt in zip(scored, prompts, strict=True):
+            items.append({"method": name, "prompt": prompt, **item})
+        summaries[name] = {
+            **summary,
+            "particles": config.method.num_particles,
+            "nfe": sum(done.nfe) / len(done.nfe),
+            "steps": sum(done.steps) / len(done.steps),
+            "tokens_per_s": done.generated_tokens / max(done.seconds, 1e-9),
+            "seconds": done.seconds,
+        }
+    out = Path(options.out)
+    write_samples_jsonl(out / "samples.jsonl", items)
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    for name, summary in summaries.items():
+        Console().print(
+            f"{name}: {summary['task']} accuracy {summary['accuracy']:.3f} +- "
+            f"{summary['accuracy_se']:.3f} ({summary['num_items']} problems); "
+            f"samples in {out / 'samples.jsonl'}"
+        )
+    return summaries
 
 
 def _sample_images(runs: list[_Run], options: SampleOptions) -> dict[str, dict[str, float]]:

@@ -58,7 +58,16 @@ scorers + sizes) is parsed by ``load_method_config``; running it lives in
 """
 
 from .config import LEGACY_KEYS, MethodConfig, load_method_config, method_parser, rewrite_legacy
-from .method import Method, answers, build_sampler, evaluations_per_step, match_budget
+from .method import (
+    SELECT_RULES,
+    Completions,
+    Method,
+    answers,
+    build_sampler,
+    complete_prompts,
+    evaluations_per_step,
+    match_budget,
+)
 from .specs import (
     SPECS,
     DenoiserProposalSpec,
@@ -73,7 +82,9 @@ from .specs import (
 
 __all__ = [
     "LEGACY_KEYS",
+    "SELECT_RULES",
     "SPECS",
+    "Completions",
     "DenoiserProposalSpec",
     "GradientProposalSpec",
     "Method",
@@ -86,6 +97,7 @@ __all__ = [
     "Spec",
     "answers",
     "build_sampler",
+    "complete_prompts",
     "evaluations_per_step",
     "load_method_config",
     "match_budget",

@@ -52,6 +52,11 @@ class MethodConfig:
     num_samples: int
     batch_size: int
     seed: int
+    task: str | None = None
+    limit: int | None = None
+    gen_length: int = 256
+    chat: bool = False
+    dtype: str | None = None
 
 
 #: the method-config keys beside ``method``, with their docs
@@ -67,6 +72,13 @@ RUN_HELP = {
     "num_samples": "answers to draw when there is no prompt file",
     "batch_size": "prompts per sampler call (answers do not depend on it)",
     "seed": "prompt i is sampled with the generator seeded by derive_seed(seed, i)",
+    "task": "a reasoning benchmark (gsm8k, math500, humaneval, mbpp): its few-shot prompts are "
+    "completed and scored (samples.jsonl, summary.json with accuracy +- SE); needs an LLaDA / "
+    "Dream model",
+    "limit": "the first LIMIT problems of the task (default: all)",
+    "gen_length": "tokens generated after each prompt (with task)",
+    "chat": "wrap each task prompt in the tokenizer's chat template (with task)",
+    "dtype": "weights of an LLaDA / Dream model, e.g. bfloat16 (default: the checkpoint's)",
 }
 _KEYS = {
     "model": (str, "embedded"),
@@ -79,6 +91,11 @@ _KEYS = {
     "num_samples": (int, 16),
     "batch_size": (int, 16),
     "seed": (int, 0),
+    "task": (str | None, None),
+    "limit": (int | None, None),
+    "gen_length": (int, 256),
+    "chat": (bool, False),
+    "dtype": (str | None, None),
 }
 
 
@@ -177,9 +194,11 @@ def load_method_config(path: str | Path | None = None, overrides: list[str] = ()
         config = parser.instantiate(parser.parse_args(args))
     except Exception as err:  # jsonargparse reports the offending key; keep its message
         raise ValueError(f"method config {path}: {err}") from err
-    for key in ("seq_len", "num_samples", "batch_size"):
+    for key in ("seq_len", "num_samples", "batch_size", "gen_length"):
         if config[key] < 1:
             raise ValueError(f"method config {path}: {key} must be >= 1, got {config[key]}")
+    if config["limit"] is not None and config["limit"] < 1:
+        raise ValueError(f"method config {path}: limit must be >= 1, got {config['limit']}")
     for key in ("reward", "holdout", "guide"):
         if isinstance(config[key], dict):
             raise ValueError(

@@ -3,7 +3,8 @@
 ``build_sampler(method, denoiser, reward=, amortized=, guide=)`` is the one builder of the
 shared ``SMCSampler`` (used by the ``sample`` CLI, ``RewardEvaluation`` and
 ``AmortizedProposalModule.rollout_sampler``); ``match_budget`` sets the steps for an NFE budget;
-``answers`` picks one sequence per prompt. Example::
+``answers`` picks one sequence per prompt; ``complete_prompts`` decodes text prompts with a
+diffusion LLM (left-padded batches, one answer per prompt, cut at the first end token). Example::
 
     method = Method(name="SR-SMC", num_particles=4, num_steps=32, potential=SelfRewardSpec())
     out = build_sampler(method, denoiser).sample(32, batch_size=2, generator=g)
@@ -13,14 +14,18 @@ shared ``SMCSampler`` (used by the ``sample`` CLI, ``RewardEvaluation`` and
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from .. import dist
 from ..sampler import Resampling, SMCSampler, Unmasking
 from ..sampling.output import SMCOutput
+from ..smc import derive_seed
 from .specs import PotentialSpec, ProposalSpec, RewardTiltSpec, Spec, as_spec
 
 #: the answer rules of ``Method.select``
@@ -234,3 +239,79 @@ def answers(out: SMCOutput, method: Method, reward: Any = None) -> Tensor:
     if method.select == "confidence":
         return out.best_confidence()
     return out.best()
+
+
+# ------------------------------------------------------------------------------ text prompts
+@dataclass
+class Completions:
+    """What ``complete_prompts`` returns: one completion per prompt, and the cost.
+
+    ``texts``: the decoded answers (after the prompt, cut at the first end token);
+    ``prompt_tokens``: each prompt's length in tokens; ``nfe``: network evaluations per
+    particle sequence of each batch; ``steps``: the sampler steps each batch ran;
+    ``generated_tokens``: tokens of the answers up to their end token; ``seconds``: wall time
+    of the sampler calls."""
+
+    texts: list[str] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    nfe: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+def complete_prompts(
+    method: Method,
+    denoiser: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    gen_length: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    chat: bool = False,
+    progress_bar: bool = False,
+) -> Completions:
+    """Decode ``gen_length`` tokens after each of ``prompts`` with ``method`` on a diffusion LM.
+
+    Prompts are encoded (``chat``: through the tokenizer's chat template) and left-padded in
+    batches of ``batch_size`` (``models.dllm.prompt_batch``; the padding mask goes through
+    ``cond``); prompt ``i`` is sampled with the generator seeded ``derive_seed(seed, i)``, so an
+    answer does not depend on the batching. The answer (``answers``) is decoded from the tokens
+    after the prompt up to the first of the denoiser's end tokens (``eos_id``), without special
+    tokens."""
+    from ..models.dllm import prompt_batch
+
+    if gen_length < 1:
+        raise ValueError(f"gen_length must be >= 1, got {gen_length}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sampler = build_sampler(method, denoiser, progress_bar=progress_bar)
+    device = next(iter(denoiser.parameters())).device
+    ends = getattr(denoiser, "eos_id", None)
+    ends = () if ends is None else ((ends,) if isinstance(ends, int) else tuple(ends))
+    result = Completions()
+    for first in range(0, len(prompts), batch_size):
+        chunk = list(prompts[first : first + batch_size])
+        ids, mask = prompt_batch(tokenizer, chunk, chat=chat, mask_id=denoiser.mask_id)
+        P = ids.shape[1]
+        gens = [
+            torch.Generator(device=device).manual_seed(derive_seed(seed, first + i))
+            for i in range(len(chunk))
+        ]
+        start = time.perf_counter()
+        out = sampler.sample(
+            P + gen_length,
+            prompt=ids.to(device),
+            cond={"attention_mask": mask.to(device)},
+            generator=gens,
+        )
+        best = answers(out, method)[:, P:].cpu()
+        result.seconds += time.perf_counter() - start
+        for row, real in zip(best.tolist(), mask.sum(1).tolist(), strict=True):
+            cut = next((j for j, token in enumerate(row) if token in ends), len(row))
+            result.texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+            result.prompt_tokens.append(int(real))
+            result.generated_tokens += cut
+        result.nfe.append(float(out.nfe))
+        result.steps.append(int(out.steps))
+    return result

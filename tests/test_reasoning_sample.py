@@ -1,0 +1,118 @@
+"""``python -m lightning_smc.sample --task ...``: reasoning benchmarks decoded by a diffusion LLM
+(the plumbing, on tiny random LLaDA / Dream folders: accuracy is ~0, the files are checked), and
+the backbone dispatch of ``models.loading``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_smc.data.reasoning import load_benchmark
+from lightning_smc.evaluation.reasoning import build_prompt
+from lightning_smc.methods import Method, SelfRewardSpec, complete_prompts
+from lightning_smc.models.dllm_cache import CachedDiffusionLM
+from lightning_smc.models.dream import DreamConfig, DreamDenoiser, DreamModel
+from lightning_smc.models.llada import LLaDAConfig, LLaDADenoiser, LLaDAModelLM
+from lightning_smc.models.loading import load_denoiser, load_model, model_kind
+from lightning_smc.models.tokenizer import save_tokenizer, train_bpe
+from lightning_smc.sample import main
+
+VOCAB = 512
+
+
+def tiny_dllm_folder(folder: Path, kind: str = "llada", seed: int = 0) -> Path:
+    """A random LLaDA / Dream (one layer, width 32) saved with ``save_pretrained`` beside a
+    byte-level BPE trained on the GSM8K few-shot prompts (end token 0, pad 1, mask last)."""
+    folder = Path(folder)
+    texts = [build_prompt("gsm8k", r) for r in load_benchmark("gsm8k", limit=4)]
+    spec = train_bpe(texts, vocab_size=VOCAB, min_frequency=1)
+    V = spec.vocab_size
+    assert V == VOCAB
+    ids = dict(mask_token_id=V - 1, eos_token_id=0, pad_token_id=1, bos_token_id=0)
+    torch.manual_seed(seed)
+    if kind == "llada":
+        config = LLaDAConfig(d_model=32, n_heads=2, n_kv_heads=1, n_layers=1, mlp_hidden_size=64,
+                             vocab_size=V, embedding_size=V, **ids)  # fmt: skip
+        model = LLaDAModelLM(config)
+    else:
+        config = DreamConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, vocab_size=V,
+                             max_position_embeddings=4096, **ids)  # fmt: skip
+        model = DreamModel(config)
+    model.save_pretrained(folder)
+    save_tokenizer(spec.tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llada_folder(tmp_path_factory):
+    return tiny_dllm_folder(tmp_path_factory.mktemp("llada") / "tiny")
+
+
+def test_loading_dispatches_on_the_config(llada_folder, tmp_path):
+    assert model_kind(llada_folder) == "llada" and model_kind("embedded") == "mdlm"
+    denoiser, spec = load_model(llada_folder)
+    assert isinstance(denoiser, LLaDADenoiser) and denoiser.eos_id == (0,)
+    assert spec.mask_id == denoiser.mask_id == VOCAB - 1 and spec.vocab_size == VOCAB
+    assert next(denoiser.parameters()).dtype == torch.float32
+    half = load_denoiser(llada_folder, dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    dream = tiny_dllm_folder(tmp_path / "dream", kind="dream")
+    assert model_kind(dream) == "dream" and isinstance(load_denoiser(dream), DreamDenoiser)
+    with pytest.raises(ValueError, match="dtype"):
+        load_denoiser("embedded", dtype="bfloat16")
+
+
+def test_complete_prompts_is_independent_of_batching(llada_folder):
+    denoiser, spec = load_model(llada_folder)
+    method = Method(name="SR-SMC", num_particles=2, num_steps=8, unmasking="threshold",
+                    block_length=8, potential=SelfRewardSpec(), select="confidence",
+                    resample_when="block:0.5", stop_at_eos=True)  # fmt: skip
+    prompts = ["Question: 1 + 1?\nAnswer:", "Question: What is 12 times 3?\nAnswer:", "Q:"]
+    one = complete_prompts(method, denoiser, spec.tokenizer, prompts, 16, batch_size=3, seed=1)
+    each = complete_prompts(method, denoiser, spec.tokenizer, prompts, 16, batch_size=1, seed=1)
+    assert one.texts == each.texts and len(one.texts) == 3
+    assert one.prompt_tokens == each.prompt_tokens and one.prompt_tokens[2] < one.prompt_tokens[1]
+    assert len(one.nfe) == 1 and len(each.nfe) == 3 and one.seconds > 0
+    # the KV cache is built for the method's blocks and keeps the end tokens
+    cached = Method(**{**method.to_dict(), "potential": SelfRewardSpec(), "kv_cache": "prefix"})
+    out = complete_prompts(cached, denoiser, spec.tokenizer, prompts[:1], 16, seed=1)
+    assert len(out.texts) == 1
+    from lightning_smc.methods import build_sampler
+
+    sampler = build_sampler(cached, denoiser)
+    assert isinstance(sampler.denoiser, CachedDiffusionLM) and sampler.eos_ids == (0,)
+
+
+def test_sample_cli_task_writes_samples_and_summary(llada_folder, tmp_path):
+    out = tmp_path / "out"
+    summaries = main([
+        "--model", str(llada_folder), "--task", "gsm8k", "--limit", "8", "--gen_length", "32",
+        "--method.name", "SR-SMC", "--method.num_particles", "2", "--method.num_steps", "32",
+        "--method.unmasking", "threshold", "--method.block_length", "32",
+        "--method.potential", "self_reward", "--method.resample_when", "block:0.5",
+        "--method.select", "confidence", "--batch_size", "4", "--out", str(out),
+    ])  # fmt: skip
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 8
+    records = load_benchmark("gsm8k", limit=8)
+    for line, record in zip(lines, records, strict=True):
+        assert {"prompt", "completion", "extracted", "reference", "correct"} <= set(line)
+        assert line["prompt"] == build_prompt("gsm8k", record)
+        assert line["reference"] == record["answer"] and line["method"] == "SR-SMC"
+        assert isinstance(line["correct"], bool)
+    summary = json.loads((out / "summary.json").read_text())["SR-SMC"]
+    assert summary == pytest.approx(summaries["SR-SMC"])
+    assert summary["num_items"] == 8 and 0 <= summary["accuracy"] <= 1
+    assert summary["accuracy_se"] >= 0 and summary["nfe"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["accuracy"] == pytest.approx(sum(x["correct"] for x in lines) / 8)
+
+
+def test_sample_cli_task_needs_a_diffusion_llm(tmp_path):
+    with pytest.raises(ValueError, match="needs a diffusion LLM"):
+        main(["--task", "gsm8k", "--limit", "1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="not one of"):
+        main(["--task", "trivia", "--limit", "1", "--out", str(tmp_path)])
