@@ -333,3 +333,82 @@ def test_evaluate_completions_summary_and_errors():
     assert summary["accuracy_flexible"] == 0.75
     with pytest.raises(ValueError, match="2 records but 1 completions"):
         evaluate_completions("gsm8k", records[:2], ["#### 1"])
+
+
+# ----------------------------------------------------------------------------- callback
+
+
+def _fake_gsm8k_generate(records):
+    """Answers the first half right (strict format), the rest wrong."""
+    answers = {r["question"]: r["answer"] for r in records}
+
+    def generate(prompts):
+        out = []
+        for i, prompt in enumerate(prompts):
+            question = prompt.rsplit("Question: ", 1)[1].removesuffix("\nAnswer:")
+            value = answers[question] if i < len(prompts) // 2 else "-1"
+            out.append(f" Working it out.\n#### {value}\n\nQuestion: filler 99")
+        return out
+
+    return generate
+
+
+def test_callback_logs_accuracy_and_writes_samples_in_a_trainer(tmp_path):
+    import lightning as L
+    import torch
+
+    from lightning_smc.callbacks.reasoning_eval import ReasoningEvalCallback
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, _):
+            return (self.w - batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            self.log("val_loss", (self.w - batch[0]).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2)))
+
+        val_dataloader = train_dataloader
+
+    records = load_benchmark("gsm8k", limit=6)
+    callback = ReasoningEvalCallback("gsm8k", _fake_gsm8k_generate(records), records=records)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(Tiny())
+    assert trainer.callback_metrics["reasoning/gsm8k/accuracy"].item() == pytest.approx(0.5)
+    se = (0.5 * 0.5 * 6 / 5 / 6) ** 0.5  # sd with ddof 1 of three 1s and three 0s, / sqrt(6)
+    assert trainer.callback_metrics["reasoning/gsm8k/accuracy_se"].item() == pytest.approx(se)
+    files = list(tmp_path.glob("reasoning/gsm8k/step_*/samples.jsonl"))
+    assert len(files) == 1
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True] * 3 + [False] * 3
+    assert rows[0]["extracted"] == records[0]["answer"] and rows[0]["prompt"].endswith("Answer:")
+
+
+def test_callback_on_demand_and_bad_generate(tmp_path):
+    from lightning_smc.callbacks.reasoning_eval import ReasoningEvalCallback
+
+    records = load_benchmark("humaneval", limit=2)
+    callback = ReasoningEvalCallback(
+        "humaneval", lambda prompts: [r["canonical_solution"] for r in records],
+        records=records, samples_dir=tmp_path,
+    )  # fmt: skip
+    summary = callback.run()
+    assert summary["accuracy"] == 1.0
+    assert (tmp_path / "reasoning/humaneval/step_0/samples.jsonl").is_file()
+    short = ReasoningEvalCallback("gsm8k", lambda prompts: ["#### 1"], limit=2)
+    with pytest.raises(ValueError, match="one completion string per prompt"):
+        short.run()
+    with pytest.raises(TypeError, match="callable"):
+        ReasoningEvalCallback("gsm8k", "not a function", limit=2)
