@@ -132,6 +132,10 @@ class DiffusionLMDenoiser(nn.Module):
             self.model(x_t.long(), attention_mask=attention_mask_of(cond, x_t)).logits
         )
 
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
+        """The backbone's ``save_pretrained`` (what ``fit`` and ``export`` write)."""
+        self.model.save_pretrained(path, **kwargs)
+
     def finish(self, logits: Tensor) -> Tensor:
         """The backbone's raw logits ``[B, L, width]`` as the denoiser's output (vocabulary
         columns in float32, shifted for a shifted model, mask ``-inf``)."""
