@@ -370,3 +370,42 @@ def test_image_base_loads_by_name_and_bad_settings_are_named():
         )
     with pytest.raises(ValueError, match="twist_estimate='paired'"):
         image_module(baseline="f_psi", twist_estimate="rollout")
+
+
+def test_text_to_image_base_conditions_rollouts_on_prompts(tmp_path):
+    """A tiny Meissonic pipeline folder (Hub layout): prompts are encoded once, rollout i is
+    conditioned on prompt i mod P, F_psi embeds the prompt index, guidance uses the empty
+    prompt (cond=None) as CFG's null branch; a training step runs."""
+    from test_text_cond import tiny_pipeline
+
+    tiny_pipeline(tmp_path / "pipe")
+    module = AmortizedProposalModule(
+        str(tmp_path / "pipe"),
+        grid_reward,
+        potential=RewardTiltSpec(alpha=0.5, num_samples=0),
+        seq_len=49,
+        num_steps=2,
+        rollouts=3,
+        transitions=None,
+        target_modules=ATTENTION,
+        log_normalizer="mlp_cond",
+        prompts=["a cat", "dog"],
+        guidance=3.0,
+        resolution=28,
+        local_files_only=True,
+    )
+    assert set(module.prompt_cond) == {"encoder_hidden_states", "pooled_projections", "micro_conds"}
+    ids = module.rollout_labels(step=1)
+    assert ids.tolist() == [1, 0, 1]  # (3 + i) mod 2
+    cond = module.network_cond(ids)
+    assert torch.equal(cond["pooled_projections"][0], module.prompt_cond["pooled_projections"][1])
+    path = module.rollout("val", step=1)
+    assert path.cond.tolist() == [1, 0, 1] and path.x_from.shape == (2, 3, 49)
+    terms = module.loss_on(path, step=1)
+    terms["loss"].backward()
+    assert math.isfinite(float(terms["loss"]))
+    assert module.f_psi.num_classes == 2
+    with pytest.raises(ValueError, match="not both"):
+        image_module(prompts=["a cat"])
+    with pytest.raises(ValueError, match="text-to-image pipeline"):
+        image_module(classes=None, prompts=["a cat"])

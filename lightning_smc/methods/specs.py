@@ -139,7 +139,9 @@ class GradientProposalSpec(ProposalSpec):
 class DenoiserProposalSpec(ProposalSpec):
     """``DenoiserProposal(amortized, correct)`` (SMCamot) with the LoRA proposal passed to
     ``build_sampler``, else ``DenoiserProposal.from_adapter(copy of the base, adapter,
-    correct)`` (``adapter``: a folder written by ``AmortizedProposalModule``, or ``embedded``)."""
+    correct)`` (``adapter``: a folder written by ``AmortizedProposalModule``, ``embedded`` (the
+    packaged text adapter) or ``embedded_image`` (the embedded image model's,
+    ``models.image.resolve_image_adapter``))."""
 
     adapter: str | None = None
     correct: bool = True
@@ -153,9 +155,14 @@ class DenoiserProposalSpec(ProposalSpec):
                 "DenoiserProposalSpec needs adapter: <folder> (written by "
                 "AmortizedProposalModule) or a trained proposal passed as amortized="
             )
-        from ..models.loading import resolve_adapter
+        if str(self.adapter) == "embedded_image":
+            from ..models.image import resolve_image_adapter
 
-        adapter = resolve_adapter(self.adapter)
+            adapter = resolve_image_adapter(self.adapter)
+        else:
+            from ..models.loading import resolve_adapter
+
+            adapter = resolve_adapter(self.adapter)
         return DenoiserProposal.from_adapter(copy.deepcopy(denoiser), adapter, correct=self.correct)
 
 

@@ -39,11 +39,14 @@ __all__ = [
     "ImageModel",
     "is_image_model",
     "load_image_model",
+    "resolve_image_adapter",
     "tiny_random_image_model",
 ]
 
 #: the packaged embedded image model (configs/pretrain/meissonic_fmnist_tiny.yaml)
 EMBEDDED_IMAGE = ASSETS / "meissonic_fmnist_tiny"
+#: the packaged SMCamot adapter of the embedded image model (configs/amortized/fmnist_class_tiny.yaml)
+EMBEDDED_IMAGE_ADAPTER = ASSETS / "fmnist_class_adapter_tiny"
 #: model names that resolve to an image model without a folder
 IMAGE_NAMES = ("embedded_image", "random_tiny_image")
 META_FILE = "lsmc_image.json"
@@ -151,3 +154,17 @@ def load_image_model(name_or_path: str | Path) -> ImageModel:
         )
         return tiny_random_image_model()
     return ImageModel.from_pretrained(name_or_path)
+
+
+def resolve_image_adapter(name_or_path: str | Path) -> Path:
+    """``"embedded_image"`` -> the packaged LoRA adapter of the embedded image model (an error
+    naming the training command while it is absent); anything else: that folder."""
+    if str(name_or_path) != "embedded_image":
+        return Path(name_or_path)
+    if not (EMBEDDED_IMAGE_ADAPTER / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"adapter: embedded_image: no trained adapter at {EMBEDDED_IMAGE_ADAPTER} yet; train "
+            "it with python -m lightning_smc.fit --config configs/amortized/fmnist_class_tiny.yaml "
+            "and copy <default_root_dir>/adapter there (or give adapter: <that folder>)"
+        )
+    return EMBEDDED_IMAGE_ADAPTER

@@ -155,6 +155,16 @@ class AmortizedProposalModule(L.LightningModule):
         weight_decay: AdamW weight decay of the adapter (``F_psi`` has none).
         reward_warmup_steps: anneal the reward weight ``1 / alpha`` linearly over the first
             that many steps (0: none; see the module docstring).
+        schedule: the rollouts' ``alpha(t)`` (``Method.schedule``; ``maskgit_cosine`` for
+            image-token models).
+        prompts: text-to-image bases (Meissonic / Monetico): ``base`` is then a pipeline folder
+            or hub id (``models.text_cond.load_text_image_model``, Hub timestep convention
+            ``step_index``), the prompts are encoded once, and rollout ``i`` of step ``k`` is
+            conditioned on prompt ``(k * W * rollout_prompts + i) % len(prompts)``;
+            ``F_psi(t, c)`` (``mlp_cond``) embeds the prompt's index. Not with ``classes``.
+        local_files_only: load the text-to-image pipeline without network access.
+        resolution: its image side in pixels (``None``: the pipeline's default, Monetico 512,
+            Meissonic 1024); ``seq_len`` must be its token grid's ``h * w``.
     """
 
     def __init__(
@@ -191,6 +201,10 @@ class AmortizedProposalModule(L.LightningModule):
         lora_init: bool | str = True,
         weight_decay: float = 0.0,
         reward_warmup_steps: int = 0,
+        schedule: str = "linear",
+        prompts: Sequence[str] | None = None,
+        local_files_only: bool = False,
+        resolution: int | None = None,
     ):
         super().__init__()
         if reward is None:
@@ -238,6 +252,12 @@ class AmortizedProposalModule(L.LightningModule):
                 "reward_warmup_steps with replay_size > 0 needs twist_estimate='paired': the "
                 "replayed rollouts recorded their twists under an earlier reward weight"
             )
+        if classes is not None and prompts is not None:
+            raise ValueError("give classes (class-conditional base) or prompts (text), not both")
+        if prompts is not None:
+            prompts = [str(p) for p in prompts]
+            if not prompts:
+                raise ValueError("prompts must be a non-empty list of strings (or null)")
         if classes is not None:
             classes = [int(c) for c in classes]
             if not classes or min(classes) < 0:
@@ -246,13 +266,15 @@ class AmortizedProposalModule(L.LightningModule):
             raise ValueError(f"guidance must be a finite scale > 0 (or null), got {guidance!r}")
         self.save_hyperparameters(ignore=["reward", "base", "potential"])
         self.hparams["classes"] = classes
+        self.hparams["prompts"] = prompts
         # as plain values: a checkpoint holds tensors and plain containers only (weights_only)
         self.hparams["potential"] = dataclasses.asdict(potential)
         self.base_source = base
+        self.prompt_cond: dict[str, Tensor] | None = None  # encoded prompts (not a parameter)
         denoiser = self._load_base(base)
         for p in denoiser.parameters():
             p.requires_grad_(False)
-        num_classes = _num_classes(denoiser)
+        num_classes = len(prompts) if prompts is not None else _num_classes(denoiser)
         if classes is not None and (num_classes is None or max(classes) > num_classes):
             raise ValueError(
                 f"classes={classes}: the base has {num_classes or 'no'} classes (labels "
@@ -276,6 +298,7 @@ class AmortizedProposalModule(L.LightningModule):
             num_particles=rollout_particles,
             num_steps=num_steps,
             unmasking=unmasking,
+            schedule=schedule,
             potential=potential,
             proposal=DenoiserProposalSpec(),
         )
@@ -286,6 +309,7 @@ class AmortizedProposalModule(L.LightningModule):
     def _start_from(self, denoiser: nn.Module, adapter: str) -> LoRADenoiser:
         """``q_phi`` and ``F_psi`` from a saved adapter folder (trainable)."""
         from ..models.files import read_safetensors
+        from ..models.image import resolve_image_adapter
         from ..models.loading import resolve_adapter
 
         hp = self.hparams
@@ -302,7 +326,8 @@ class AmortizedProposalModule(L.LightningModule):
                 f"init_adapter={adapter!r} brings its own LoRA settings; leave {changed} at their "
                 "defaults (the adapter's adapter_config.json decides them)"
             )
-        folder = resolve_adapter(adapter)
+        image = str(adapter) == "embedded_image"
+        folder = resolve_image_adapter(adapter) if image else resolve_adapter(adapter)
         q = LoRADenoiser.from_adapter(denoiser, folder, trainable=True)
         state = read_safetensors(folder / "f_psi.safetensors")
         try:
@@ -314,10 +339,33 @@ class AmortizedProposalModule(L.LightningModule):
             ) from None
         return q
 
-    @staticmethod
-    def _load_base(base: Any) -> nn.Module:
-        """A module as it is; an image model name or folder through ``load_image_model`` (its
+    def _load_base(self, base: Any) -> nn.Module:
+        """A module as it is; with ``prompts`` a text-to-image pipeline (its prompts encoded
+        into ``prompt_cond``); an image model name or folder through ``load_image_model`` (its
         denoiser); anything else through the text loader ``load_denoiser``."""
+        hp = self.hparams
+        if hp.prompts is not None:
+            if isinstance(base, nn.Module):
+                raise ValueError(
+                    "prompts need a text-to-image pipeline as base (a folder or hub id, or a "
+                    "models.text_cond.TextImageModel), which encodes them; got a bare "
+                    f"{type(base).__name__}"
+                )
+            from ..models.text_cond import TextImageModel, load_text_image_model
+
+            model = base
+            if not isinstance(base, TextImageModel):
+                model = load_text_image_model(
+                    base,
+                    resolution=hp.resolution,
+                    local_files_only=hp.local_files_only,
+                    timestep="step_index",
+                    num_steps=hp.num_steps,
+                )
+            with torch.no_grad():
+                cond = model.cond(list(hp.prompts))
+            self.prompt_cond = {k: v.detach().cpu() for k, v in cond.items()}
+            return model.denoiser
         if isinstance(base, nn.Module):
             return base
         from ..models.image import is_image_model, load_image_model
@@ -399,17 +447,27 @@ class AmortizedProposalModule(L.LightningModule):
         ]
 
     def rollout_labels(self, step: int | None = None) -> Tensor | None:
-        """The class label of each rollout of this rank at ``step`` ``[rollout_prompts]`` (see
-        ``classes``), or ``None`` without ``classes``."""
-        classes = self.hparams.classes
-        if classes is None:
+        """The condition of each rollout of this rank at ``step`` ``[rollout_prompts]``: its
+        class label (``classes``) or its prompt's index (``prompts``); ``None`` without either."""
+        hp = self.hparams
+        options = hp.classes if hp.classes is not None else hp.prompts
+        if options is None:
             return None
         step = self.global_step if step is None else step
         rank, world = self._world()
         count = self.rollout_prompts()
         first = step * world * count + rank * count
-        picked = [classes[(first + i) % len(classes)] for i in range(count)]
+        picked = [(first + i) % len(options) for i in range(count)]
+        if hp.classes is not None:
+            picked = [hp.classes[i] for i in picked]
         return torch.tensor(picked, dtype=torch.long, device=self.device)
+
+    def network_cond(self, ids: Tensor | None) -> Any:
+        """What the networks read for condition ids ``[R]`` (``rollout_labels``): the labels
+        themselves, or the prompts' embeddings (a dict of ``[R, ...]`` tensors)."""
+        if ids is None or self.prompt_cond is None:
+            return ids
+        return {k: v.to(self.device)[ids.to(v.device)] for k, v in self.prompt_cond.items()}
 
     def rollout(
         self, stage: str = "train", step: int | None = None, alpha: float | None = None
@@ -423,7 +481,8 @@ class AmortizedProposalModule(L.LightningModule):
         try:
             out = self.rollout_sampler(alpha=alpha).sample(
                 hp.seq_len,
-                cond=labels,
+                batch_size=self.rollout_prompts(),
+                cond=self.network_cond(labels),
                 generator=self._generators(stage, step, self.device),
                 device=self.device,
                 record_path=True,
@@ -459,7 +518,7 @@ class AmortizedProposalModule(L.LightningModule):
             self.reference,
             self.proposal,
             self.q.mask_id,
-            cond=cond,
+            cond=self.network_cond(cond),
             kl=self.hparams.kl_weight > 0,
             twist_change=change,
         )
@@ -518,7 +577,7 @@ class AmortizedProposalModule(L.LightningModule):
             hp.twist_samples,
             generators,
             self.q.mask_id,
-            cond,
+            self.network_cond(cond),
         )
         J = log_w.shape[-1]
         spread = ((log_w - log_w.detach().mean(-1, keepdim=True)) ** 2).sum(-1) / (J - 1)
@@ -559,7 +618,7 @@ class AmortizedProposalModule(L.LightningModule):
             hp.twist_samples,
             generators,
             self.q.mask_id,
-            cond,
+            self.network_cond(cond),
         )
 
     def _pick_transitions(self, path: SMCPath) -> SMCPath:
@@ -678,6 +737,7 @@ class AmortizedProposalModule(L.LightningModule):
             "guidance": hp.guidance,
             "null_class": hp.null_class,
             "classes": hp.classes,
+            "prompts": hp.prompts,
             "log_normalizer": hp.log_normalizer,
             "num_steps": hp.num_steps,
             "alpha": self.method.potential.alpha,

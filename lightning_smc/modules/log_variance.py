@@ -351,7 +351,7 @@ def sibling_log_weights(
             mask_id,
             uniforms,
             twist_samples,
-            None if rows_cond is None else rows_cond.repeat_interleave(J + 1, dim=0),
+            _map_cond(rows_cond, lambda c: c.repeat_interleave(J + 1, dim=0)),
         ).reshape(K, R, J + 1)
     change = (
         lam_to.to(device)[:, None, None] * r_hat[..., 1:]
@@ -372,8 +372,19 @@ def log_variance_loss(log_w: Tensor, log_normalizer: Tensor) -> Tensor:
 
 
 def _repeat_cond(cond: Any, times: int) -> Any:
+    """Per-row ``cond`` (a tensor ``[R, ...]`` or a dict of them, e.g. a text-to-image model's
+    prompt embeddings) for ``times`` stacked copies of the rows (``[times * R, ...]``)."""
+    return _map_cond(cond, lambda c: c.repeat(times, *([1] * (c.dim() - 1))))
+
+
+def _map_cond(cond: Any, fn: Any) -> Any:
     if cond is None:
         return None
     if isinstance(cond, Tensor):
-        return cond.repeat(times, *([1] * (cond.dim() - 1)))
-    raise TypeError("AmortizedProposalModule supports cond=None or a per-row tensor")
+        return fn(cond)
+    if isinstance(cond, dict) and all(isinstance(v, Tensor) for v in cond.values()):
+        return {k: fn(v) for k, v in cond.items()}
+    raise TypeError(
+        "AmortizedProposalModule supports cond=None, a per-row tensor or a dict of per-row "
+        f"tensors, got {type(cond).__name__}"
+    )
