@@ -215,3 +215,50 @@ def test_progress_bar_can_be_turned_off(tmp_path, monkeypatch):
     assert cli.trainer.state.finished and cli.trainer.progress_bar_callback is None
     on = main(["fit", "--config", str(config), *off[:-2], "--trainer.callbacks", "[]"])
     assert type(on.trainer.progress_bar_callback).__name__ == "RichProgressBar"
+
+
+# ------------------------------------------------------------------ diffusion LLM method configs
+# configs/methods/dllm/ (LLaDA / Dream at scale, bf16 on a GPU): each runs through the sample CLI
+# on a tiny random folder of its backbone, shrunk to 2 GSM8K problems of 16 tokens on the CPU.
+DLLM_CONFIGS = sorted((ROOT / "configs" / "methods" / "dllm").glob("*.yaml"))
+DLLM_SMOKE = ["--device", "cpu", "--limit", "2", "--gen_length", "16", "--batch_size", "2",
+              "--method.block_length", "8", "--method.num_steps", "16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dllms(tmp_path_factory):
+    from test_reasoning_sample import tiny_dllm_folder
+
+    root = tmp_path_factory.mktemp("dllm")
+    return {kind: tiny_dllm_folder(root / kind, kind) for kind in ("llada", "dream")}
+
+
+def test_dllm_configs_exist():
+    stems = {c.stem for c in DLLM_CONFIGS}
+    for model in ("llada_instruct", "llada_1.5", "dream_instruct"):
+        assert {f"{model}_plain", f"{model}_srsmc"} <= stems, model
+
+
+@pytest.mark.parametrize("config", DLLM_CONFIGS, ids=[c.stem for c in DLLM_CONFIGS])
+def test_dllm_config_smoke_runs(config, tiny_dllms, tmp_path):
+    import json
+
+    from lightning_smc.sample import main as sample
+
+    data = yaml.safe_load(config.read_text())
+    method = data["method"]
+    assert data["gen_length"] == 256 and data["dtype"] == "bfloat16" and data["device"] == "cuda"
+    assert method["block_length"] == 32 and method["unmasking"] == "threshold"
+    assert method["confidence_threshold"] == 0.9 and method["kv_cache"] == "prefix"
+    if method["name"] == "SR-SMC":
+        assert method["num_particles"] == 4 and method["resample_when"] == "block:0.5"
+        assert method["select"] == "confidence" and method["potential"]["init_args"]["beta"] == 1
+    kind = "dream" if config.stem.startswith("dream") else "llada"
+    out = tmp_path / "out"
+    summaries = sample(["--config", str(config), "--model", str(tiny_dllms[kind]), *DLLM_SMOKE,
+                        "--out", str(out)])  # fmt: skip
+    (summary,) = summaries.values()
+    assert summary["task"] == "gsm8k" and summary["num_items"] == 2
+    assert summary["particles"] == method["num_particles"]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "summary.json").read_text()).keys() == summaries.keys()

@@ -19,9 +19,12 @@ from lightning_smc.methods import (
 from lightning_smc.models.loading import EMBEDDED_ADAPTER, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# image method configs (configs/methods/images/) are smoke-run by tests/test_image_pipeline.py
+# image method configs (configs/methods/images/) are smoke-run by tests/test_image_pipeline.py,
+# diffusion LLM ones (configs/methods/dllm/) by tests/test_configs.py
 METHOD_CONFIGS = sorted(
-    c for c in (ROOT / "configs" / "methods").rglob("*.yaml") if "images" not in c.parts
+    c
+    for c in (ROOT / "configs" / "methods").rglob("*.yaml")
+    if not {"images", "dllm"} & set(c.parts)
 )
 IDS = [str(c.relative_to(ROOT / "configs" / "methods")) for c in METHOD_CONFIGS]
 
