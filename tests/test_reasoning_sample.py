@@ -116,3 +116,26 @@ def test_sample_cli_task_needs_a_diffusion_llm(tmp_path):
         main(["--task", "gsm8k", "--limit", "1", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="not one of"):
         main(["--task", "trivia", "--limit", "1", "--out", str(tmp_path)])
+
+
+def test_reasoning_paper_table_plumbing(llada_folder, tmp_path):
+    """experiments/reasoning_paper_table.py on the tiny model: 4 tasks x 2 methods, 2 problems."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments/reasoning_paper_table.py"
+    spec = importlib.util.spec_from_file_location("reasoning_paper_table", script)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    shrink = ["--gen_length", "8", "--method.block_length", "8", "--method.num_steps", "8"]
+    results = table.main(["--model", "llada_1.5", "--weights", str(llada_folder), "--limit", "2",
+                          "--device", "cpu", "--out", str(tmp_path), "--", *shrink])  # fmt: skip
+    assert set(results) == set(table.TASKS)
+    for task, cells in results.items():
+        assert set(cells) == {"plain", "srsmc"}
+        for method, summary in cells.items():
+            assert summary["num_items"] == 2 and summary["task"] == task
+            assert (tmp_path / "llada_1.5" / task / method / "samples.jsonl").is_file()
+        assert cells["srsmc"]["particles"] == 4 and cells["plain"]["particles"] == 1
+    text = (tmp_path / "llada_1.5_table.md").read_text()
+    assert "| GSM8K | 2 |" in text and "| 79.8 |" in text and "| 44.2 |" in text
+    assert json.loads((tmp_path / "llada_1.5_table.json").read_text()) == results
