@@ -72,16 +72,20 @@ class ImageSamples:
     nfe: float
     seconds: float
     strip: ParticleStrip | None = None
+    scores: dict[str, Tensor] | None = None  # "reward" / "holdout" [S] of the answers
 
     def summary(self) -> dict[str, float]:
-        """Mean final ESS, resamples per sample, NFE and seconds per sample."""
+        """Mean final ESS, resamples per sample, NFE and seconds per sample (and the mean
+        reward / holdout score of the answers when a config gave them)."""
         final = torch.exp(-torch.logsumexp(2 * self.log_weights, dim=-1))
-        return {
+        out = {
             "ess": float(final.mean()),
             "resamples": float(self.resampled.sum(-1).double().mean()),
             "nfe": float(self.nfe),
             "seconds": float(self.seconds),
         }
+        out.update({k: float(v.double().mean()) for k, v in (self.scores or {}).items()})
+        return out
 
 
 def _device(denoiser: Any) -> torch.device:
@@ -96,6 +100,8 @@ def sample_images(
     batch_size: int = 16,
     strip: bool = False,
     progress_bar: bool = False,
+    reward: Any = None,
+    guide: Any = None,
 ) -> ImageSamples:
     """One image per label with ``method`` on ``model`` (an ``ImageModel``); module docstring."""
     labels = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels).long()
@@ -106,7 +112,9 @@ def sample_images(
             f"labels must lie in [0, {model.null_class}] ({model.null_class} = null class), got "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
-    sampler = build_sampler(method, model.denoiser, progress_bar=progress_bar)
+    sampler = build_sampler(
+        method, model.denoiser, reward=reward, guide=guide, progress_bar=progress_bar
+    )
     device = _device(model.denoiser)
     parts, nfe, start, found = [], 0.0, time.perf_counter(), None
     for lo in range(0, len(labels), batch_size):
@@ -115,7 +123,7 @@ def sample_images(
         cond = labels[lo : ids.stop].to(device)
         record = strip and lo == 0 and method.num_particles > 1
         out = sampler.sample(model.seq_len, cond=cond, generator=gens, record_path=record)
-        parts.append((answers(out, method).cpu(), out))
+        parts.append((answers(out, method, reward).cpu(), out))
         nfe += float(out.nfe) * len(ids)
         if record:
             found = _first_resample(model, out)
@@ -230,12 +238,22 @@ def run_image_config(config: Any, device: str = "cpu", prompt: str | None = None
             f"seq_len={config.seq_len}, but this image model's token grid is {h} x {w}: give "
             f"seq_len: {model.seq_len}"
         )
-    if any(s is not None for s in (config.reward, config.holdout, config.guide)):
-        raise ValueError("reward / holdout / guide are not supported on image models yet")
     labels = image_labels(model, config.num_samples, prompt, config.prompts)
-    return sample_images(
-        config.method, model, labels, config.seed, config.batch_size, strip=True, progress_bar=True
+    result = sample_images(
+        config.method,
+        model,
+        labels,
+        config.seed,
+        config.batch_size,
+        strip=True,
+        progress_bar=True,
+        reward=config.reward,
+        guide=config.guide,
     )
+    scorers = {"reward": config.reward, "holdout": config.holdout}
+    with torch.no_grad():
+        result.scores = {k: f(result.tokens).cpu() for k, f in scorers.items() if f is not None}
+    return result
 
 
 def _slug(name: str) -> str:

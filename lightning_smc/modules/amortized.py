@@ -355,13 +355,19 @@ class AmortizedProposalModule(L.LightningModule):
 
             model = base
             if not isinstance(base, TextImageModel):
-                model = load_text_image_model(
-                    base,
-                    resolution=hp.resolution,
-                    local_files_only=hp.local_files_only,
-                    timestep="step_index",
-                    num_steps=hp.num_steps,
-                )
+                try:
+                    model = load_text_image_model(
+                        base,
+                        resolution=hp.resolution,
+                        local_files_only=hp.local_files_only,
+                        timestep="step_index",
+                        num_steps=hp.num_steps,
+                    )
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(
+                        f"base={str(base)!r}: {err} (the pipelines: `huggingface-cli download "
+                        f"Collov-Labs/Monetico --local-dir {base}` or MeissonFlow/Meissonic)"
+                    ) from err
             with torch.no_grad():
                 cond = model.cond(list(hp.prompts))
             self.prompt_cond = {k: v.detach().cpu() for k, v in cond.items()}
