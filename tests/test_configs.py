@@ -86,6 +86,9 @@ AMORTIZED_SHRINK = [
     "2",
 ]
 
+# Amortized configs on the embedded image model: the seeded random tiny one, 2 steps, 2 rollouts.
+IMAGE_SHRINK = ["base", "random_tiny_image", "num_steps", "2", "rollouts", "2"]
+
 
 def offline_copy(config: Path, tmp_path: Path) -> Path:
     """The at-scale amortized config with its hub model and classifiers swapped for embedded
@@ -124,6 +127,13 @@ def test_config_smoke_runs(config, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="huggingface-cli download"):
             main(["fit", "--config", str(config), *SMOKE[:12], *offline])
         return  # fine-tuned at tiny size by tests/test_text_image_finetune.py
+    init = yaml.safe_load(config.read_text()).get("model", {}).get("init_args", {})
+    if config.parent.name == "amortized" and "prompts" in init:  # a text-to-image base
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # at scale: the pipeline is absent here
+        jpeg = '{"class_path": "lightning_smc.rewards.JpegCompressibility", "init_args": {"vq": "embedded"}}'  # fmt: skip
+        with pytest.raises((ValueError, FileNotFoundError), match="huggingface-cli download"):
+            main(["fit", "--config", str(config), *SMOKE[:12], "--model.init_args.reward", jpeg])
+        return  # its settings run on a tiny pipeline in tests/test_image_amortized.py
     if config.parent.name == "reward":  # a learned reward on a base model's tokenizer: no denoiser
         smoke, shrink = REWARD_SMOKE, []
     if "FashionMNISTDataModule" in config.read_text():
@@ -142,6 +152,8 @@ def test_config_smoke_runs(config, tmp_path, monkeypatch):
             start = yaml.safe_load(config.read_text())["model"]["init_args"]["init_adapter"]
             if str(start).startswith("outputs/"):  # a stage's output: start from the packaged one
                 shrink = [*shrink, "--model.init_args.init_adapter", "embedded"]
+    if config.parent.name == "amortized" and init.get("base") == "embedded_image":
+        shrink = [f"--model.init_args.{k}" if i % 2 == 0 else k for i, k in enumerate(IMAGE_SHRINK)]
     cli = main(["fit", "--config", str(config), *smoke, *shrink])
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     for callback in cli.trainer.callbacks:  # evaluation callbacks ran (smoke-sized) at validation
