@@ -330,6 +330,25 @@ def test_image_training_resumes_exactly_and_exports_a_loadable_adapter(tmp_path)
     torch.testing.assert_close(proposal.denoiser(x, t, c), resumed.q(x, t, c))
     with pytest.raises(ValueError, match="different base model"):
         ls.DenoiserProposal.from_adapter(tiny_meissonic(seed=5), folder)
+    # a method config's DenoiserProposalSpec proposes as the adapter was trained: with CFG 2
+    from lightning_smc.methods import DenoiserProposalSpec
+
+    spec = DenoiserProposalSpec(adapter=str(folder))
+    built = spec.build(denoiser=tiny_meissonic(), reward=None, guide=None, amortized=None)
+    assert isinstance(built.denoiser, GuidedDenoiser) and built.denoiser.weight == 2.0
+    torch.testing.assert_close(built.denoiser(x, t, c), resumed.proposal(x, t, c))
+
+
+def test_ranks_draw_the_rollout_labels_of_one_process_with_the_global_batch():
+    """W ranks with R rollouts each condition on the labels one process with W * R draws (the
+    DDP contract of the module docstring), at every step."""
+    single = image_module(rollouts=4, classes=[0, 1, 2, 3, 4])
+    ranks = [image_module(rollouts=2, classes=[0, 1, 2, 3, 4]) for _ in range(2)]
+    for r, module in enumerate(ranks):
+        module._world = lambda r=r: (r, 2)
+    for step in range(3):
+        joint = torch.cat([m.rollout_labels(step) for m in ranks])
+        assert torch.equal(joint, single.rollout_labels(step))
 
 
 def test_reward_warmup_anneals_the_reward_weight():

@@ -141,7 +141,8 @@ class DenoiserProposalSpec(ProposalSpec):
     ``build_sampler``, else ``DenoiserProposal.from_adapter(copy of the base, adapter,
     correct)`` (``adapter``: a folder written by ``AmortizedProposalModule``, ``embedded`` (the
     packaged text adapter) or ``embedded_image`` (the embedded image model's,
-    ``models.image.resolve_image_adapter``))."""
+    ``models.image.resolve_image_adapter``)). An adapter trained with guidance proposes with it
+    (``_as_trained``)."""
 
     adapter: str | None = None
     correct: bool = True
@@ -163,7 +164,29 @@ class DenoiserProposalSpec(ProposalSpec):
             from ..models.loading import resolve_adapter
 
             adapter = resolve_adapter(self.adapter)
-        return DenoiserProposal.from_adapter(copy.deepcopy(denoiser), adapter, correct=self.correct)
+        proposal = DenoiserProposal.from_adapter(
+            copy.deepcopy(denoiser), adapter, correct=self.correct
+        )
+        return _as_trained(proposal, adapter)
+
+
+def _as_trained(proposal: DenoiserProposal, folder: Any) -> DenoiserProposal:
+    """The adapter's ``q_phi`` as it was trained: an adapter trained with classifier-free
+    guidance (``guidance`` in its ``lsmc_amortized.json``, written by
+    ``AmortizedProposalModule.save_adapter``) proposes from the CFG combination of the adapted
+    network's two branches (``models.lora.GuidedDenoiser``). The sampler's ``log p - log q``
+    keeps the method's own target either way."""
+    import json
+    from pathlib import Path
+
+    from ..models.lora import GuidedDenoiser
+
+    record = Path(folder) / "lsmc_amortized.json"
+    guidance = json.loads(record.read_text()).get("guidance") if record.is_file() else None
+    if guidance is None:
+        return proposal
+    null = json.loads(record.read_text()).get("null_class")
+    return DenoiserProposal(GuidedDenoiser(proposal.denoiser, guidance, null), proposal.correct)
 
 
 #: the registry: a method-vocabulary name -> its spec class
