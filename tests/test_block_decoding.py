@@ -159,3 +159,26 @@ def test_stop_at_eos_needs_an_end_token():
     assert ls.SMCSampler(denoiser).stop_at_eos is False
     with pytest.raises(TypeError, match="stop_at_eos"):
         ls.SMCSampler(denoiser, stop_at_eos="yes")
+
+
+def test_sharded_layout_tracks_the_same_log_confidence():
+    """The sharded layout's path (increments queued, all-gathered before the sum is read) on
+    one rank gives the local layout's log-confidence bit for bit."""
+    import torch.distributed as dist
+
+    denoiser = tiny(4)
+    kwargs = dict(num_particles=4, num_steps=8, unmasking="low_confidence", block_length=4,
+                  potential=ls.SelfReward(), resample_when="always")  # fmt: skip
+    local = ls.SMCSampler(denoiser, **kwargs).sample(
+        8, 2, generator=torch.Generator().manual_seed(5)
+    )
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = ls.SMCSampler(denoiser, layout="sharded", **kwargs).sample(
+            8, 2, generator=torch.Generator().manual_seed(5)
+        )
+    finally:
+        dist.destroy_process_group()
+    assert local.resampled.any()
+    assert torch.equal(local.tokens, sharded.tokens)
+    assert torch.equal(local.log_confidence, sharded.log_confidence)
