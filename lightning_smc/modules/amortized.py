@@ -106,7 +106,9 @@ class AmortizedProposalModule(L.LightningModule):
     """Train ``q_phi`` (LoRA on the base denoiser) and ``F_psi`` with the log-variance loss.
 
     Args:
-        base: a checkpoint folder (``"embedded"``: the packaged model) or a denoiser module.
+        base: a checkpoint folder (``"embedded"``: the packaged model), an image model
+            (``"embedded_image"``, ``"random_tiny_image"``, an ``ImagePretraining`` folder), a
+            text-to-image pipeline (with ``prompts``) or a denoiser module.
         reward: an ``ls.Reward`` (any, not necessarily differentiable).
         potential: the ``RewardTilt`` target and its twist, as in a method config
             (``RewardTiltSpec(alpha, schedule, num_samples)``; the reward is ``reward``).
@@ -115,7 +117,8 @@ class AmortizedProposalModule(L.LightningModule):
             resampling (each row still a path of the recorded transitions).
         transitions: transitions per rollout used in the loss (sampled steps; ``None``: all).
         lora_rank, lora_alpha, target_modules, lora_dropout: the adapter.
-        log_normalizer: ``F_psi`` kind, ``"per_step"`` or ``"mlp"``.
+        log_normalizer: ``F_psi`` kind, ``"per_step"``, ``"mlp"`` (of ``t``) or ``"mlp_cond"``
+            (of ``t`` and the class / prompt: ``log_variance.LogNormalizer``).
         baseline: what ``q_phi``'s loss subtracts from ``log w``: ``"f_psi"`` (the learned
             ``F_psi(t)``, the paper's loss) or ``"batch_mean"`` (the mean ``log w`` of the
             batch's transitions at the same step, detached: the per-step sample variance of
