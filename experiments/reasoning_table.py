@@ -39,8 +39,8 @@ import yaml
 from lightning_smc.data.arithmetic import ArithmeticDataModule, Problem
 from lightning_smc.methods.method import Method, answers, build_sampler, match_budget
 from lightning_smc.methods.specs import SelfRewardSpec
-from lightning_smc.models.dllm import load_dllm_tokenizer
 from lightning_smc.models.llada import LLaDADenoiser
+from lightning_smc.models.tokenizer import load_tokenizer
 from lightning_smc.smc import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=CONFIG, help="its data section: the task")
     parser.add_argument("--num-problems", type=int, default=256)
     parser.add_argument("--particles", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=int, default=32, help="T of the plain sampler")
+    parser.add_argument(
+        "--steps", type=int, default=24, help="T of the plain sampler (a multiple of the blocks)"
+    )
     parser.add_argument(
         "--unmasking", choices=["low_confidence", "threshold"], default="low_confidence"
     )
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_grad_enabled(False)
     dm = task_module(args.config)
     denoiser = LLaDADenoiser.from_pretrained(args.model, dtype=torch.float32)
-    tokenizer = load_dllm_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model).tokenizer
     if tokenizer.get_vocab() != dm.tokenizer.get_vocab():
         raise ValueError(f"{args.model}: its tokenizer is not the arithmetic task's")
     if args.num_problems > dm.num_test:

@@ -51,9 +51,10 @@ def test_strict_answer():
 
 
 def test_table_plumbing(tiny_model, tmp_path):
-    out = tmp_path / "table"
+    out, one_block = tmp_path / "table", str(table.task_module(table.CONFIG).gen_length)
     argv = ["--model", str(tiny_model), "--num-problems", "4", "--particles", "1", "2"]
-    rows = table.main([*argv, "--steps", "8", "--block-length", "8", "--out", str(out)])
+    argv += ["--block-length", one_block]
+    rows = table.main([*argv, "--steps", "8", "--out", str(out)])
     assert [(r["method"], r["setting"]) for r in rows] == [
         ("plain N=1", "baseline"),
         ("SR-SMC N=1", "equal steps"),
@@ -92,6 +93,6 @@ def test_correct_answers_are_counted(tiny_model, monkeypatch):
             logits[..., dm.mask_id] = -torch.inf
             return logits
 
-    method = table.Method(num_steps=8, unmasking="low_confidence", block_length=8)
+    method = table.Method(num_steps=dm.gen_length, unmasking="low_confidence", block_length=8)
     result = table.evaluate(method, Oracle(), dm, problems, seed=0, batch_rows=8)
     assert result["accuracy"] == 1.0 and result["se"] == 0.0
