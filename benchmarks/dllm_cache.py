@@ -14,6 +14,7 @@ Figures per (cache, unmasking, N), after one warm-up run, the median of ``--repe
 
 - **tokens/s**: ``N * length`` generated tokens per second of wall time (all particles);
 - **NFE/answer**: network evaluations spent on one answer, ``N * out.nfe``;
+- **prefix / uncached**, **dual / uncached**: the caches' tokens/s ratios in this run;
 - **overhead**: wall time / time inside the network (the denoiser is wrapped in ``Timed``,
   which times every forward and every ``reorder_state`` of the cache, with
   ``torch.cuda.synchronize`` around them on CUDA). 1.00 means the sampler costs nothing
@@ -183,6 +184,17 @@ def main(argv: list[str] | None = None) -> dict:
                     f"  {cache:9s} {unmasking:15s} {n:2d} {row['tokens_per_s']:10.1f} "
                     f"{row['nfe_per_answer']:11.1f} {row['steps']:6d} {row['overhead']:9.3f}"
                 )
+    if "uncached" in args.caches:  # the caches' speed-ups in this run, per setting
+        for name in (c for c in ("prefix", "dual") if c in args.caches):
+            for unmasking in UNMASKING:
+                for n in args.particles:
+                    setting = f"{unmasking}/N={n}"
+                    ratio = (
+                        result[f"{name}/{setting}"]["tokens_per_s"]
+                        / result[f"uncached/{setting}"]["tokens_per_s"]
+                    )
+                    result[f"{name}_ratio/{setting}"] = ratio
+                    print(f"  {name} / uncached: {ratio:.2f}x tokens/s ({setting}, this run)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
