@@ -205,6 +205,15 @@ def test_errors():
         CachedDiffusionLM(ls.models.dllm.DiffusionLMDenoiser(torch.nn.Identity(), 3, 5))
 
 
+def test_cache_declares_the_denoisers_end_tokens():
+    denoiser = tiny("llada", layers=1)
+    cached = CachedDiffusionLM(denoiser, "prefix", BLOCK)
+    assert cached.eos_id == denoiser.eos_id == (257,)
+    cached.eos_id = (257, 3)  # (e.g. the tokenizer's end-of-turn token appended)
+    assert denoiser.eos_id == (257, 3)
+    assert ls.SMCSampler(cached, stop_at_eos=True, block_length=BLOCK).eos_ids == (257, 3)
+
+
 @pytest.mark.timeout(120)
 def test_benchmark_smoke(tmp_path):
     proc = subprocess.run(

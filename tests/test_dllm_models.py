@@ -155,6 +155,27 @@ def test_denoiser_contract(denoisers, name):
     assert (logits.softmax(-1)[..., denoiser.mask_id] == 0).all()
 
 
+def test_denoisers_declare_their_end_tokens(denoisers):
+    """``eos_id`` from the config; the family's end-of-turn ids at the Hub vocabulary only; ids
+    the model cannot emit left out; a malformed ``eos_token_id`` is an error."""
+    assert denoisers["llada"].eos_id == denoisers["dream"].eos_id == (257,)  # the goldens' config
+    dream_7b = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 64,
+                "num_attention_heads": 1, "num_key_value_heads": 1, "vocab_size": 152064}  # fmt: skip
+    with torch.device("meta"):
+        llada = LLaDADenoiser(LLaDAModelLM(LLaDAConfig(n_layers=1)))  # LLaDA-8B's ids
+        dream = DreamDenoiser(DreamModel(DreamConfig(eos_token_id=151643, **dream_7b)))
+        listed = DreamDenoiser(DreamModel(DreamConfig(eos_token_id=[151645, 7], **dream_7b)))
+        tiny = LLaDADenoiser(LLaDAModelLM(LLaDAConfig(
+            d_model=32, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=64, vocab_size=64,
+            embedding_size=64, mask_token_id=63)))  # fmt: skip
+    assert llada.eos_id == (126081, 126348)  # <|endoftext|>, <|eot_id|>
+    assert dream.eos_id == (151643, 151645)  # <|endoftext|>, <|im_end|>
+    assert listed.eos_id == (151645, 7, 151643)  # the config's first, no repeats
+    assert tiny.eos_id == ()  # the default 126081 is not in a 64-token vocabulary
+    with pytest.raises(TypeError, match="eos_token_id"):
+        tiny.declared_end_tokens([1.5])
+
+
 def test_dream_left_padding_is_invisible(denoisers):
     """Dream numbers positions after the padding: a padded prompt scores like the bare one."""
     denoiser, x = denoisers["dream"], torch.randint(0, 250, (1, 10))

@@ -19,6 +19,18 @@ writes it there); prompts of different lengths are **left-padded** and ``cond`` 
 ``attention_mask`` ``[B, P]`` (``1`` = token, ``0`` = padding; positions after ``P`` count as
 ``1``), as a tensor or as ``{"attention_mask": ...}``; the sampler keeps it with the particles.
 
+**End tokens.** A denoiser declares ``eos_id`` (a tuple, what ``SMCSampler(stop_at_eos=True)``
+and ``methods.complete_prompts`` read), built from its config alone: the config's
+``eos_token_id`` (an id or a list), then the model family's end-of-turn ids
+(``hub_end_of_turn``: LLaDA ``<|eot_id|>`` 126348; Dream ``<|endoftext|>`` 151643 and
+``<|im_end|>`` 151645) when the config's vocabulary is the Hub models' (``hub_vocab_size``), so
+that an instruct model stops at the end of its turn even when its config names only
+``<|endoftext|>``. An id the model cannot emit (outside ``[0, vocab_size)``, or the mask id) is
+not an end token of that model and is left out (a tiny model built with a Hub config's default
+ids). This is the one source of truth; ``models.loading.load_model`` only *adds* the end tokens
+of a checkpoint's own tokenizer that the config does not name (a model trained here with
+another tokenizer), and ``eos_id`` may be assigned to override it.
+
 **Tokenizers.** ``load_dllm_tokenizer(folder)`` loads a Hub tokenizer folder through
 ``AutoTokenizer`` from local files (a ``tokenizer_class`` that only the Hub's remote code
 defines, such as Dream's ``DreamTokenizer`` -- Qwen2's byte-level BPE -- falls back to
@@ -118,12 +130,37 @@ class DiffusionLMDenoiser(nn.Module):
 
     #: True when the backbone predicts token ``i`` at position ``i - 1`` (Dream)
     shifted = False
+    #: the Hub instruct models' end-of-turn ids, declared at the Hub's vocabulary size only
+    hub_end_of_turn: tuple[int, ...] = ()
+    hub_vocab_size: int | None = None
 
-    def __init__(self, model: nn.Module, mask_id: int, vocab_size: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        mask_id: int,
+        vocab_size: int,
+        eos_id: int | Sequence[int] | None = None,
+    ):
         super().__init__()
         self.model, self.mask_id, self.vocab_size = model, int(mask_id), int(vocab_size)
         if not 0 <= self.mask_id < self.vocab_size:
             raise ValueError(f"mask_id={mask_id} is not in [0, vocab_size={vocab_size})")
+        #: the end tokens (module docstring, "End tokens")
+        self.eos_id: tuple[int, ...] = self.declared_end_tokens(eos_id)
+
+    def declared_end_tokens(self, eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+        """``eos_id`` (the config's ``eos_token_id``) and, at the Hub's vocabulary size, the
+        family's end-of-turn ids: the ones the model can emit, in that order, without repeats."""
+        ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_id!r}")
+        if self.vocab_size == self.hub_vocab_size:
+            ids += self.hub_end_of_turn
+        ends: list[int] = []
+        for i in ids:
+            if 0 <= i < self.vocab_size and i != self.mask_id and i not in ends:
+                ends.append(i)
+        return tuple(ends)
 
     def forward(self, x_t: Tensor, t: Tensor | None = None, cond: Any = None) -> Tensor:
         if x_t.dim() != 2 or x_t.is_floating_point() or x_t.dtype == torch.bool:

@@ -140,6 +140,15 @@ class CachedDiffusionLM(nn.Module):
         self.state: KVState | None = None
         self.openings = self.rebuilt_rows = self.received_rows = 0
 
+    @property
+    def eos_id(self) -> Any:
+        """The wrapped denoiser's end tokens (``stop_at_eos``); setting it sets the denoiser's."""
+        return getattr(self.denoiser, "eos_id", None)
+
+    @eos_id.setter
+    def eos_id(self, value: Any) -> None:
+        self.denoiser.eos_id = value
+
     # ------------------------------------------------------------------ the denoiser
     @torch.no_grad()
     def forward(self, x_t: Tensor, t: Tensor | None = None, cond: Any = None) -> Tensor:

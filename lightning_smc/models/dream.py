@@ -21,7 +21,9 @@ positions of the tokens from 0 (Dream's own ``generate``: ``cumsum(mask) - 1``).
 **Shifted logits.** Dream keeps its autoregressive parent's output convention: the logits at
 position ``i - 1`` score token ``i``. ``DreamModel`` returns them unshifted, as the reference
 does; ``DreamDenoiser`` (mask id 151,666) shifts them (``cat([logits[:, :1], logits[:, :-1]])``)
-so that the sampler sees row ``i`` scoring token ``i``, like every other denoiser::
+so that the sampler sees row ``i`` scoring token ``i``, like every other denoiser. End tokens
+(``eos_id``): the config's ``eos_token_id`` plus, at the Hub's vocabulary, ``<|endoftext|>``
+151643 and ``<|im_end|>`` 151645::
 
     denoiser = DreamDenoiser.from_pretrained("checkpoints/Dream-v0-Instruct-7B", dtype=torch.bfloat16)
 """
@@ -204,12 +206,17 @@ class DreamModel(StrictLoading, PreTrainedModel):
 
 
 class DreamDenoiser(DiffusionLMDenoiser):
-    """``ls.Denoiser`` over ``DreamModel``: shifted logits, mask ``-inf``."""
+    """``ls.Denoiser`` over ``DreamModel``: shifted logits, mask ``-inf``; ``eos_id``: the
+    config's ``eos_token_id`` and, at the Hub's vocabulary (152,064), Qwen2.5's
+    ``<|endoftext|>`` 151643 and ``<|im_end|>`` 151645 (``dllm``'s "End tokens")."""
 
     shifted = True
+    hub_end_of_turn = (151643, 151645)
+    hub_vocab_size = 152064
 
     def __init__(self, model: DreamModel):
-        super().__init__(model, model.config.mask_token_id, model.config.vocab_size)
+        config = model.config
+        super().__init__(model, config.mask_token_id, config.vocab_size, config.eos_token_id)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> DreamDenoiser:

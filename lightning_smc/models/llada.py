@@ -18,7 +18,8 @@ stay absolute, as LLaDA's own ``generate``). Parameter names equal the Hub's:
 ``model.transformer.{wte,ln_f,ff_out}.weight`` and
 ``model.transformer.blocks.{i}.{attn_norm,q_proj,k_proj,v_proj,attn_out,ff_norm,ff_proj,up_proj,ff_out}.weight``.
 
-``LLaDADenoiser`` is the ``ls.Denoiser`` (mask id 126,336 from ``mask_token_id``)::
+``LLaDADenoiser`` is the ``ls.Denoiser`` (mask id 126,336 from ``mask_token_id``; end tokens
+``eos_id = (126081, 126348)``: ``<|endoftext|>`` and ``<|eot_id|>``)::
 
     denoiser = LLaDADenoiser.from_pretrained("checkpoints/LLaDA-8B-Instruct", dtype=torch.bfloat16)
     logits = denoiser(x_t, t)  # [B, L, 126464], float32, mask logit -inf
@@ -254,10 +255,16 @@ class LLaDAModelLM(StrictLoading, PreTrainedModel):
 
 
 class LLaDADenoiser(DiffusionLMDenoiser):
-    """``ls.Denoiser`` over ``LLaDAModelLM``: logits of the ``vocab_size`` ids, mask ``-inf``."""
+    """``ls.Denoiser`` over ``LLaDAModelLM``: logits of the ``vocab_size`` ids, mask ``-inf``;
+    ``eos_id``: the config's ``eos_token_id`` (``<|endoftext|>`` 126081) and, at the Hub's
+    vocabulary, LLaDA-Instruct's ``<|eot_id|>`` 126348 (``dllm``'s "End tokens")."""
+
+    hub_end_of_turn = (126348,)
+    hub_vocab_size = 126464
 
     def __init__(self, model: LLaDAModelLM):
-        super().__init__(model, model.config.mask_token_id, model.config.vocab_size)
+        config = model.config
+        super().__init__(model, config.mask_token_id, config.vocab_size, config.eos_token_id)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> LLaDADenoiser:

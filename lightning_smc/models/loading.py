@@ -10,10 +10,13 @@ that they agree; ``load_denoiser(name_or_path)`` the denoiser alone.
 ``model_type`` (``"llada"``, ``"Dream"``) or ``architectures`` (``LLaDAModelLM``,
 ``DreamModel``) pick ``LLaDADenoiser`` / ``DreamDenoiser`` (loaded strictly, in the
 checkpoint's dtype unless ``dtype`` is given; their tokenizer through ``load_dllm_tokenizer``);
-anything else is MDLM. A diffusion LLM gets ``eos_id``, the end tokens ``stop_at_eos`` reads:
-the config's ``eos_token_id`` plus the tokenizer's end-of-turn tokens that exist
-(LLaDA-Instruct: 126081 and ``<|eot_id|>`` 126348; Dream: ``<|endoftext|>`` and ``<|im_end|>``). Every entry point (``sample``,
-the method builder, ``AmortizedProposalModule``, the benchmarks) loads models through these.
+anything else is MDLM. A diffusion LLM declares its end tokens itself (``eos_id``, from its
+config: ``models.dllm``, "End tokens"; LLaDA-Instruct 126081 and ``<|eot_id|>`` 126348, Dream
+``<|endoftext|>`` and ``<|im_end|>``); ``load_model`` only appends the end tokens of the
+checkpoint's own tokenizer that the config does not name (its ``eos_token`` and the
+end-of-turn tokens ``END_OF_TURN`` it has: a model trained here with another tokenizer).
+Every entry point (``sample``, the method builder, ``AmortizedProposalModule``, the benchmarks)
+loads models through these.
 
 Every file is read through ``models.files`` (``read_json``, ``read_safetensors``,
 ``read_checkpoint``, re-exported here): pickles are only ever unpickled with
@@ -68,7 +71,8 @@ def resolve_adapter(name_or_path: str | Path) -> Path:
 
 #: ``config.json`` ``model_type`` / ``architectures`` entries of the diffusion LLMs
 DLLM_KINDS = {"llada": "llada", "LLaDAModelLM": "llada", "dream": "dream", "DreamModel": "dream"}
-#: end-of-turn tokens of the instruct models, added to ``eos_id`` when the tokenizer has them
+#: end-of-turn tokens of the instruct models, appended to ``eos_id`` when the tokenizer has them
+#: and the config does not name them
 END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
 
 
@@ -123,12 +127,7 @@ def _load_dllm(path: Path, kind: str, dtype: Any) -> Any:
     denoiser = {"llada": LLaDADenoiser, "dream": DreamDenoiser}[kind].from_pretrained(
         path, **kwargs
     )
-    eos = denoiser.model.config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    denoiser.eos_id = tuple(
-        i for i in ids if 0 <= i < denoiser.vocab_size and i != denoiser.mask_id
-    )
-    return denoiser.eval()
+    return denoiser.eval()  # (its eos_id comes from its config)
 
 
 def load_model(name_or_path: str | Path, tokenizer: str | Path | None = None, dtype: Any = None):
@@ -158,7 +157,8 @@ def load_model(name_or_path: str | Path, tokenizer: str | Path | None = None, dt
 
 def _dllm_tokenizer(denoiser: Any, path: str | Path):
     """The ``TokenizerSpec`` of a diffusion LLM's tokenizer folder (the model's vocabulary and
-    mask id; the tokenizer's ids must fit in it) and the end-of-turn tokens added to ``eos_id``."""
+    mask id; the tokenizer's ids must fit in it); the tokenizer's end tokens that the
+    denoiser's config does not name are appended to its ``eos_id``."""
     from .dllm import load_dllm_tokenizer
     from .tokenizer import TokenizerSpec
 
