@@ -12,8 +12,10 @@ the sampler fills ``gen_length`` tokens by semi-autoregressive blocks with ``low
   *equal steps* (``T`` steps, ``N * T`` evaluations per answer) and *equal NFE*
   (``match_budget(method, T)``: ``T / N`` steps, the plain sampler's ``T`` evaluations).
 
-The answer is the particle the method's ``select`` rule picks; it is correct when its text up to
-the first EOS holds GSM8K's strict answer line ``#### n`` with ``n`` the true answer.
+The answer is the particle the method's ``select`` rule picks (default: the highest
+whole-trajectory log-confidence, as SR-SMC's code); it is correct when its text up to the
+first EOS holds GSM8K's strict answer line ``#### n`` with ``n`` the true answer
+(``extract_gsm8k(text, "strict")``).
 Accuracy ``p`` over ``n`` problems is reported with its binomial standard error
 ``sqrt(p (1 - p) / n)``; NFE is network evaluations per answer (all particles), seconds are wall
 time per answer on this machine. Seeds: prompt ``i`` uses ``derive_seed(seed, i)`` for every
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shlex
 import sys
 import time
@@ -37,6 +38,7 @@ import torch
 import yaml
 
 from lightning_smc.data.arithmetic import ArithmeticDataModule, Problem
+from lightning_smc.evaluation.reasoning import extract_gsm8k
 from lightning_smc.methods.method import Method, answers, build_sampler, match_budget
 from lightning_smc.methods.specs import SelfRewardSpec
 from lightning_smc.models.llada import LLaDADenoiser
@@ -47,13 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "lightning_smc/assets/llada_arith_tiny"
 CONFIG = ROOT / "configs/pretrain/llada_arith_tiny.yaml"
 OUT = ROOT / "experiments/results/reasoning_table"
-STRICT = re.compile(r"#### (-?[0-9.,]+)")
-
-
-def strict_answer(text: str) -> str | None:
-    """The number of GSM8K's strict ``#### n`` line (the first one), commas removed."""
-    match = STRICT.search(text)
-    return None if match is None else match.group(1).replace(",", "").rstrip(".")
 
 
 def task_module(config: Path) -> ArithmeticDataModule:
@@ -109,7 +104,7 @@ def evaluate(
         for problem, ids in zip(problems[lo:hi], answers(out, method), strict=True):
             text = response_text(dm, ids[dm.prompt_length :])
             texts.append(text)
-            correct.append(strict_answer(text) == str(problem.answer_value))
+            correct.append(extract_gsm8k(text, "strict") == str(problem.answer_value))
     seconds = time.perf_counter() - start
     n, p = len(correct), sum(correct) / len(correct)
     return {
@@ -172,7 +167,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--select", default="weight", help="SR-SMC's answer rule")
+    parser.add_argument(
+        "--select",
+        choices=["confidence", "weight"],
+        default="confidence",
+        help="SR-SMC's answer rule: the highest whole-trajectory log-confidence (the paper's "
+        "code) or the highest weight",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-rows", type=int, default=256, help="particle rows per call")
     parser.add_argument("--out", type=Path, default=OUT, help="writes OUT.md and OUT.json")

@@ -44,12 +44,6 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
-def test_strict_answer():
-    assert table.strict_answer("3+4=7.\n#### 7") == "7"
-    assert table.strict_answer("#### 1,234.") == "1234"
-    assert table.strict_answer("the answer is 7") is None
-
-
 def test_table_plumbing(tiny_model, tmp_path):
     out, one_block = tmp_path / "table", str(table.task_module(table.CONFIG).gen_length)
     argv = ["--model", str(tiny_model), "--num-problems", "4", "--particles", "1", "2"]
