@@ -195,6 +195,39 @@ def test_rows_from_another_process_are_rebuilt():
     torch.testing.assert_close(after, before[[2, 3, 0, 1]], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_calls_inside_a_block_write_one_buffer(mode):
+    """No ``[R, L, V]`` tensor per call: the window is written into the state's buffer (the
+    rows outside it are the opening's); a reorder moves the rows into a new buffer, leaving
+    the tensor returned before it as it was."""
+    denoiser = tiny("llada", layers=2)
+    cache = CachedDiffusionLM(denoiser, mode, BLOCK)
+    torch.manual_seed(0)
+    x = torch.randint(0, 250, (4, L))
+    x[:, P + BLOCK :] = denoiser.mask_id
+    with torch.no_grad():
+        opening = cache(x, torch.ones(4)).clone()
+        x[:, P + BLOCK] = torch.randint(0, 250, (4,))
+        first = cache(x, torch.full((4,), 0.5))
+        kept = first.clone()
+        x[:, P + BLOCK + 1] = torch.randint(0, 250, (4,))
+        second = cache(x, torch.full((4,), 0.5))
+    storage = cache.state.logits.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr() == storage
+    window = slice(P + BLOCK, L if mode == "prefix" else P + 2 * BLOCK)
+    outside = torch.ones(L, dtype=torch.bool)
+    outside[window] = False
+    assert torch.equal(second[:, outside], opening[:, outside])
+    assert not torch.equal(first[:, window], kept[:, window])  # valid until the next call only
+    before = second.clone()
+    cache.reorder_state(torch.tensor([1, 0, 3, 2]))
+    with torch.no_grad():
+        moved = cache(x[[1, 0, 3, 2]], torch.full((4,), 0.5))
+    assert torch.equal(second, before) and cache.rebuilt_rows == 0
+    assert moved.untyped_storage().data_ptr() != storage
+    torch.testing.assert_close(moved, second[[1, 0, 3, 2]], rtol=0, atol=0)
+
+
 def test_errors():
     denoiser = tiny("llada", layers=1)
     with pytest.raises(ValueError, match="mode="):

@@ -48,6 +48,19 @@ both caches (the suffix is all masks from the opening until its own block opens)
 that cached model (SR-SMC's target is then defined through ``p_cache``, not ``p_theta``); they
 are not importance weights for the uncached model.
 
+**Output buffer (aliasing).** The opening forward's raw logits ``[R, L, width]`` stay in the
+state, and a call writes the fresh rows ``[q0, q1)`` over them in place
+(``narrow(1, q0, q1 - q0).copy_``) and returns the denoiser's ``finish`` of that buffer, which
+for float32 logits with no column past the vocabulary *is* the buffer (its mask column set to
+``-inf`` in place; bf16 logits come back as a float32 copy, a shifted model's as a shifted
+copy): no ``[R, L, V]`` concatenation is materialised per call. So a returned tensor is valid
+until the next call, which overwrites its window, and must not be written to (the rows
+outside the window are the cache's). ``SMCSampler`` obeys both: it reads one step's logits
+before the next call and never writes to a stateful network's output (``sampling.cache``
+normalizes into its own buffer; the sharded layout writes received rows into ``base_lp`` only
+for stateless networks, and re-evaluates all rows of a stateful one). ``reorder_state``
+moves the rows into a new buffer, so a tensor returned before a resample is left as it was.
+
 **Particles.** ``reorder_state(index)`` (``models.base``) moves the cache's rows with the
 particles: after every resample (inside a block too) row ``r`` takes row ``index[r]``'s keys,
 values, opening state and logits; ``-1`` marks a row received from another process, rebuilt
@@ -80,7 +93,8 @@ Refresh = Literal["block", "step"]
 class KVState:
     """The cache of ``R`` rows: per layer ``keys`` / ``values`` ``[R, kv_heads, L, hd]``, the
     opening state ``tokens [R, L]`` (``z``), the attention ``mask [R, L]`` (or ``None``), the
-    opening forward's raw ``logits [R, L, width]``, ``valid [R]`` and the block ``[b, e)``."""
+    raw ``logits [R, L, width]`` (the opening forward's, with the last call's window written
+    over them: the output buffer), ``valid [R]`` and the block ``[b, e)``."""
 
     keys: list[Tensor]
     values: list[Tensor]
@@ -169,7 +183,7 @@ class CachedDiffusionLM(nn.Module):
             self.state = self._build(z if self.refresh == "block" else x_t, mask, b, e)
             self.openings += 1
             if self.refresh == "block" and torch.equal(z, x_t):
-                return self.denoiser.finish(self.state.logits.clone())  # the full forward
+                return self.denoiser.finish(self.state.logits)  # the full forward
         elif self.refresh == "step":
             self.state = self._build(x_t, mask, self.state.b, self.state.e)
         else:
@@ -246,7 +260,8 @@ class CachedDiffusionLM(nn.Module):
         return model.head(h), keys, values
 
     def _split(self, x_t: Tensor, mask: Tensor | None) -> Tensor:
-        """Raw logits with the positions ``[q0, q1)`` recomputed against the cache."""
+        """Raw logits with the positions ``[q0, q1)`` recomputed against the cache: the
+        state's buffer, those rows overwritten in place (module docstring, "Output buffer")."""
         state, model = self.state, self.denoiser.model
         q0 = max(state.b - int(self.denoiser.shifted), 0)
         q1 = state.e if self.mode == "dual" else x_t.shape[1]
@@ -257,8 +272,9 @@ class CachedDiffusionLM(nn.Module):
             q, k, v = layer.qkv(h, rope)
             keys[:, :, q0:q1], values[:, :, q0:q1] = k, v  # always rewritten before use
             h = layer.mix(h, _attend(q, keys, values, key_mask))
-        fresh = model.head(h)
-        return torch.cat([state.logits[:, :q0], fresh, state.logits[:, q1:]], dim=1)
+        # the window's rows written over the previous call's in place: no [R, L, width] per call
+        state.logits.narrow(1, q0, q1 - q0).copy_(model.head(h))
+        return state.logits
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
