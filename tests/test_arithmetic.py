@@ -179,3 +179,39 @@ def test_llada_denoiser_save_pretrained_round_trip(tmp_path):
     assert loaded.mask_id == 19 and loaded.vocab_size == 20
     for (k, a), b in zip(denoiser.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_sft_mid_epoch_resume_is_exact(tmp_path):
+    """A run resumed from a mid-epoch checkpoint ends with the uninterrupted run's weights."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    quiet = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    every4 = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=4, save_top_k=-1)
+    finals = []
+    for resume in (False, True):
+        dm = ArithmeticDataModule(batch_size=4, num_train=24, seed=5)  # 6 batches per epoch
+        trainer = L.Trainer(
+            max_steps=9,
+            callbacks=[] if resume else [every4],
+            enable_checkpointing=not resume,
+            **quiet,
+        )
+        denoiser = _tiny_llada(dm.vocab_size, dm.mask_id)
+        if resume:  # another init: the checkpoint must override it
+            with torch.no_grad():
+                for w in denoiser.parameters():
+                    w.add_(torch.randn_like(w))
+        module = MaskedSFT(denoiser, lr=1e-2, warmup_steps=2)
+        ckpt = str(tmp_path / "step=4.ckpt") if resume else None  # mid-epoch 0 (batch 4 of 6)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        assert trainer.global_step == 9
+        finals.append({k: v.clone() for k, v in denoiser.state_dict().items()})
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
