@@ -8,9 +8,13 @@
 - ``ImageEvaluation``: at validation, runs named ``Method``s on a class-conditional image model
   for fixed labels and seeds and logs class accuracy, ESS (and FID / IS when requested) per
   method, an image grid per method and a strip of one prompt's particles around a resample.
+- ``ReasoningEvalCallback``: at validation, generates answers to a fixed subset of a reasoning
+  benchmark (GSM8K, MATH-500, HumanEval, MBPP) with a ``generate(prompts)`` function (e.g.
+  ``methods.complete_prompts``), logs accuracy +- SE and writes ``samples.jsonl``.
 """
 
 from .image_eval import ImageEvaluation
+from .reasoning_eval import ReasoningEvalCallback
 from .reward_eval import RewardEvaluation
 
-__all__ = ["ImageEvaluation", "RewardEvaluation"]
+__all__ = ["ImageEvaluation", "ReasoningEvalCallback", "RewardEvaluation"]

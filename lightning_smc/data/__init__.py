@@ -7,6 +7,9 @@
              that the data modules share
 ``text``     ``TextDataModule``: packed rows for pretraining a denoiser
 ``reward``   ``RewardDataModule``: rows labelled by a text scorer, for a ``LearnedReward``
+``reasoning`` ``load_benchmark``: the packaged GSM8K / MATH-500 / MBPP / HumanEval test splits
+``arithmetic`` seeded arithmetic word problems (``ArithmeticDataModule``) for the embedded
+             reasoning model
 
 Example::
 
@@ -30,13 +33,16 @@ from ..models.tokenizer import (
     train_bpe,
     wrap_bpe,
 )
+from .arithmetic import ArithmeticDataModule
 from .base import TokenizedDataModule
 from .corpora import CORPORA, HFDocuments, clean_text, load_corpus, strip_gutenberg
 from .packing import PackedSequences, pack, split_indices
+from .reasoning import load_benchmark
 from .reward import LabelledChunks, RewardDataModule
 from .text import TextDataModule
 
 __all__ = [
+    "ArithmeticDataModule",
     "CORPORA",
     "EOS_ID",
     "EOS_TOKEN",
@@ -52,6 +58,7 @@ __all__ = [
     "TokenizerSpec",
     "clean_text",
     "encode_documents",
+    "load_benchmark",
     "load_corpus",
     "load_tokenizer",
     "pack",

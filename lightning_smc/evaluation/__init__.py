@@ -8,6 +8,12 @@
                          parsed method config file; ``read_prompts``
 ``result.py``            ``MethodResult``: answers, scores, ``log Ẑ``, weights, ESS traces;
                          ``merge`` (batches / shards in prompt order), ``summary`` (metrics)
+``reasoning.py``         reasoning benchmarks: lm-eval-style few-shot prompts (``build_prompt``),
+                         GSM8K / MATH answer extraction and normalization, ``score``,
+                         ``evaluate_completions`` (accuracy +- SE, pass@k), ``pass_at_k``
+``sandbox.py``           ``run_code`` / ``run_many``: generated code in a separate, limited
+                         process (temp dir, rlimits, no network, dangerous calls disabled)
+``images.py``            image method configs: grids, strips, class accuracy, FID / IS
 =======================  =====================================================================
 
 Layering: this package uses ``methods`` (the method vocabulary and its builder), the sampler,
@@ -21,14 +27,23 @@ rewards, metrics and models; nothing below it imports it. Example::
     summary, result = evaluate_method(config, MetricSet(["reward", "ess", "log_z"]))
 """
 
+from .reasoning import build_prompt, evaluate_completions, pass_at_k, score
 from .result import MethodResult
 from .run import evaluate_distributed, evaluate_method, read_prompts, run_config, run_method
+from .sandbox import SandboxResult, run_code, run_many
 
 __all__ = [
     "MethodResult",
+    "SandboxResult",
+    "build_prompt",
+    "evaluate_completions",
     "evaluate_distributed",
     "evaluate_method",
+    "pass_at_k",
     "read_prompts",
+    "run_code",
     "run_config",
+    "run_many",
     "run_method",
+    "score",
 ]
