@@ -7,8 +7,9 @@ generator seeded by ``derive_seed(seed, i)`` as in ``run_method``, so an image d
 its index and label, not on ``batch_size``. The answer is the highest-weight particle
 (``methods.answers``), decoded through the model's VQ. ``ImageSamples`` keeps the tokens (codebook
 ids only), images ``[S, C, H, W]`` in ``[0, 1]``, labels, final normalized log-weights ``[S, N]``
-and the ESS trace ``[S, T]``; with ``strip=True`` also the particles of sample 0 just before and
-just after its first resample (``ParticleStrip``; masked cells painted grey).
+and the ESS trace ``[S, T]``, per-image NFE and seconds ``[S]`` (its batch's; the batch's wall
+time shared equally, decoding excluded); with ``strip=True`` also the particles of sample 0 just
+before and just after its first resample (``ParticleStrip``; masked cells painted grey).
 
 ``run_image_config(config)`` runs a method config file whose ``model`` is an image model
 (``models.image``; what ``python -m lightning_smc.sample`` does for one): ``seq_len`` must be the
@@ -73,6 +74,8 @@ class ImageSamples:
     seconds: float
     strip: ParticleStrip | None = None
     scores: dict[str, Tensor] | None = None  # "reward" / "holdout" [S] of the answers
+    sample_nfe: Tensor | None = None  # [S] float64: its batch's NFE per image
+    sample_seconds: Tensor | None = None  # [S] float64: its batch's wall time / batch size
 
     def summary(self) -> dict[str, float]:
         """Mean final ESS, resamples per sample, NFE and seconds per sample (and the mean
@@ -117,7 +120,9 @@ def sample_images(
     )
     device = _device(model.denoiser)
     parts, nfe, start, found = [], 0.0, time.perf_counter(), None
+    sample_nfe, sample_seconds = [], []
     for lo in range(0, len(labels), batch_size):
+        batch_start = time.perf_counter()
         ids = range(lo, min(lo + batch_size, len(labels)))
         gens = [torch.Generator(device=device).manual_seed(derive_seed(seed, i)) for i in ids]
         cond = labels[lo : ids.stop].to(device)
@@ -127,6 +132,8 @@ def sample_images(
         nfe += float(out.nfe) * len(ids)
         if record:
             found = _first_resample(model, out)
+        sample_nfe += [float(out.nfe)] * len(ids)
+        sample_seconds += [(time.perf_counter() - batch_start) / len(ids)] * len(ids)
     tokens = torch.cat([p[0] for p in parts])
     images = model.decode(tokens).cpu() if model.vq is not None else None
     return ImageSamples(
@@ -140,6 +147,8 @@ def sample_images(
         nfe=nfe / len(labels),
         seconds=(time.perf_counter() - start) / len(labels),
         strip=found,
+        sample_nfe=torch.tensor(sample_nfe, dtype=torch.float64),
+        sample_seconds=torch.tensor(sample_seconds, dtype=torch.float64),
     )
 
 
