@@ -1,11 +1,16 @@
-"""The seed's MaskGIT table shape on the embedded image model (issue 14): FID / IS / class accuracy
-of class-conditional samples for CFG weight x steps with the plain sampler (N = 1), plus the real
-data's own values as the reference row.
+"""The seed's MaskGIT table on the embedded image model (issues 14, 15): FID / IS / class accuracy
+of class-conditional samples for CFG weight x steps x particles, plus the real data's own values
+as the reference row.
 
 CFG is the product target ``p(x | y)^w p(x | null)^(1 - w)`` per position (Meissonic's guidance
-scale ``w``: logits ``u + w (c - u)``), proposed from the normalized mixture (one particle: the
-usual CFG sampler). Every cell uses the same labels (``--per-class`` per class, in class order)
-and the same seeds (sample ``i`` from ``derive_seed(seed, i)``).
+scale ``w``: logits ``u + w (c - u)``), proposed from the normalized mixture. ``N = 1``
+(``--particles 1``) is the usual CFG sampler with ancestral unmasking (the committed table's
+rows, unchanged). ``N > 1`` is SMC on the same product target (``ProductTargetSpec(w, null)``:
+each particle's weight is the product of the mixture's normalizers), with ReMDM unmasking as
+``configs/methods/images/cfg_remdm.yaml`` (``--smc-unmasking``), systematic resampling when
+ESS < N / 2, the answer the highest-weight particle; ``--remdm-baseline`` adds N = 1 ReMDM rows
+(the SMC rows' sampler with one particle). Every cell uses the same labels (``--per-class`` per
+class, in class order) and the same seeds (sample ``i`` from ``derive_seed(seed, i)``).
 
 Metrics (``lightning_smc.metrics.image``, torch-fidelity, offline) with the project's
 Fashion-MNIST classifier as the feature extractor ("domain" FID / IS / KID / precision /
@@ -13,10 +18,17 @@ recall), against the official test split (10,000 images); class accuracy by the 
 and by the holdout classifier (another architecture and seed). Standard errors: accuracy
 ``sqrt(p (1 - p) / n)``; IS: torch-fidelity's std over its 10 splits / sqrt(10); FID: the
 spread of FID over ``--splits`` disjoint subsets of the samples (FID at ``n / splits`` images,
-mean ± SE; FID is biased upwards at small ``n``, so compare it only with the same column).
+mean ± SE; FID is biased upwards at small ``n``, so compare it only with the same column); ESS:
+the ESS over the steps divided by N, per image, mean ± std / sqrt(n); NFE and seconds per image
+likewise (seconds: each batch's wall time shared by its images).
 
     python experiments/image_cfg_table.py --model embedded_image --per-class 100 \
-        --out experiments/results/image_cfg_table
+        --particles 1,8,16 --out experiments/results/image_cfg_table
+
+The cells are independent: run parts in parallel with ``--weights`` / ``--steps`` /
+``--particles`` subsets (and ``--no-real`` on all but one part), each with its own ``--out``,
+then join them with ``--merge PART/image_cfg_table.json ... --out DIR`` (rows in the table's
+order; the grids stay in the parts' folders).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,40 +47,67 @@ from typing import Any
 import torch
 
 from lightning_smc.data.images import DEFAULT_ROOT, load_fashion_mnist
-from lightning_smc.evaluation.images import image_grid, sample_images, save_png
+from lightning_smc.evaluation.images import ImageSamples, image_grid, sample_images, save_png
 from lightning_smc.methods import Method, ProductTargetSpec
 from lightning_smc.metrics.image import class_accuracy, image_metrics
 from lightning_smc.models.image import load_image_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reward_smc_table import mean_se  # noqa: E402
+
 HOLDOUT = "fmnist_classifier_holdout_tiny"
 
 
-def cfg_method(weight: float, steps: int, null_class: int) -> Method:
+def cfg_method(
+    weight: float, steps: int, null_class: int, particles: int = 1, unmasking: str | None = None
+) -> Method:
+    """CFG ``weight`` at ``steps`` steps with ``particles`` particles: ``N = 1`` with the default
+    ``unmasking`` is the plain CFG sampler (ancestral unmasking, the committed rows); ``N > 1``
+    is SMC on the product target (``unmasking`` default ``"remdm"``, resampling when ESS <
+    N / 2, the highest-weight particle)."""
+    if particles < 1:
+        raise ValueError(f"particles={particles} must be >= 1")
+    if particles > 1 and weight == 1.0:
+        raise ValueError(
+            f"CFG weight 1 with {particles} particles: the product target is then the "
+            "conditional model alone and every particle weighs the same; use N = 1 for w = 1"
+        )
     potential = None if weight == 1.0 else ProductTargetSpec(weight=weight, second_cond=null_class)
+    name = f"CFG {weight:g}, {steps} steps"
+    if unmasking is None:
+        unmasking = "ancestral" if particles == 1 else "remdm"
+    if particles > 1 or unmasking != "ancestral":  # N = 1 ancestral: the committed rows' names
+        name += f", N={particles} ({'ReMDM' if unmasking == 'remdm' else unmasking})"
     return Method(
-        name=f"CFG {weight:g}, {steps} steps",
-        num_particles=1,
+        name=name,
+        num_particles=particles,
         num_steps=steps,
-        unmasking="ancestral",
+        unmasking=unmasking,
         schedule="maskgit_cosine",
         potential=potential,
+        ess_threshold=None if particles == 1 else 0.5,
     )
 
 
 def scores(
-    images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, splits: int
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    reference: torch.Tensor,
+    splits: int,
+    reference_name: str | None = None,
 ) -> dict:
-    """Domain FID / IS / KID / PRC on all images, FID per split, accuracies with SEs."""
+    """Domain FID / IS / KID / PRC on all images, FID per split, accuracies with SEs.
+    ``reference_name`` keys torch-fidelity's cache of the reference features (default
+    ``fmnist-test-<K>``: the first K test images); a different reference needs its own name."""
     n = len(images)
-    out = image_metrics(images, reference, reference_name=f"fmnist-test-{len(reference)}")
+    name = reference_name or f"fmnist-test-{len(reference)}"
+    out = image_metrics(images, reference, reference_name=name)
     out["isc_se"] = out.pop("isc_std") / math.sqrt(10)
     per_split = []
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     for part in order.chunk(splits):
         per_split.append(
-            image_metrics(
-                images[part], reference, ("fid",), reference_name=f"fmnist-test-{len(reference)}"
-            )["fid"]
+            image_metrics(images[part], reference, ("fid",), reference_name=name)["fid"]
         )
     values = torch.tensor(per_split, dtype=torch.float64)
     out["fid_split"] = float(values.mean())
@@ -79,6 +119,21 @@ def scores(
     return out
 
 
+def sampler_cells(out: ImageSamples) -> dict[str, float]:
+    """ESS / N (mean over the steps, per image), NFE and seconds per image: mean and
+    ``std / sqrt(n)`` over the images."""
+    row: dict[str, float] = {}
+    particles = out.log_weights.shape[-1]
+    per_image = {
+        "ess": out.ess.double().mean(-1) / particles,
+        "nfe": out.sample_nfe,
+        "seconds": out.sample_seconds,
+    }
+    for key, values in per_image.items():
+        row[key], row[f"{key}_se"] = mean_se(values.numpy())
+    return row
+
+
 def fmt(row: dict, key: str, digits: int = 2) -> str:
     if key not in row:
         return "—"
@@ -87,44 +142,124 @@ def fmt(row: dict, key: str, digits: int = 2) -> str:
 
 
 def report(rows: list[dict], settings: dict) -> str:
+    particles = sorted({r.get("particles", 1) for r in rows if "particles" in r})
+    smc = any(p > 1 for p in particles)
+    commands = (
+        settings["command"] if isinstance(settings["command"], list) else [settings["command"]]
+    )
+    title = "CFG x steps x particles" if smc else "CFG x steps"
     lines = [
-        "# CFG x steps on the embedded image model (plain sampler, N = 1)",
+        f"# {title} on the embedded image model (N = {', '.join(map(str, particles)) or 1})",
         "",
-        f"`{settings['command']}`",
+        *[f"`{c}`" for c in commands],
         "",
         f"- model: {settings['model']}; {settings['n']} samples per cell ({settings['per_class']} per "
-        "class, the same labels and seeds in every cell); MaskGIT cosine schedule, ancestral "
-        "unmasking; CFG weight w as Meissonic's guidance scale (logits u + w (c - u)); w = 1 is "
-        "the conditional model alone.",
+        "class, the same labels and seeds in every cell); MaskGIT cosine schedule; CFG weight w "
+        "as Meissonic's guidance scale (logits u + w (c - u)); w = 1 is the conditional model "
+        "alone. N = 1 without a tag: the plain CFG sampler, ancestral unmasking. N > 1: SMC on "
+        "the CFG product target p(x | y)^w p(x | null)^(1 - w) (weights = the mixture's "
+        f"normalizers), {settings.get('smc_unmasking', 'remdm')} unmasking, systematic "
+        "resampling when ESS < N / 2, the highest-weight particle.",
         "- domain metrics: torch-fidelity with the project's Fashion-MNIST classifier "
         "(`fmnist_classifier_tiny`) as feature extractor, reference = the first "
         f"{settings['reference_size']} test images; "
         f"FID@{settings['n'] // settings['splits']}: mean ± SE over {settings['splits']} disjoint "
         "subsets; IS ± std/sqrt(10) over torch-fidelity's splits; accuracies ± binomial SE "
-        "(holdout: `fmnist_classifier_holdout_tiny`, never used elsewhere here).",
+        "(holdout: `fmnist_classifier_holdout_tiny`, never used elsewhere here); ESS / N (mean "
+        "over the steps), NFE and s / image ± std/sqrt(n) over the images (seconds: batch wall "
+        "time shared by its images).",
         f"- {settings['platform']}, torch {settings['torch']}, {settings['threads']} thread(s); "
-        f"wall {settings['wall_min']:.1f} min.",
+        f"wall {settings['wall_min']:.1f} min"
+        + (" (parts run separately: the longest part)." if len(commands) > 1 else "."),
         "",
-        f"| setting | NFE / image | FID (n={settings['n']}) | FID@{settings['n'] // settings['splits']} "
-        "| IS | KID x 1e3 | precision | recall | accuracy | holdout accuracy | s / image |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| setting | N | NFE / image | FID (n={settings['n']}) | FID@{settings['n'] // settings['splits']} "
+        "| IS | KID x 1e3 | precision | recall | accuracy | holdout accuracy | ESS / N | s / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         kid = f"{1e3 * r['kid']:.2f}" if "kid" in r else "—"
         lines.append(
-            f"| {r['setting']} | {r.get('nfe', 0):.0f} | {fmt(r, 'fid')} | {fmt(r, 'fid_split')} | "
-            f"{fmt(r, 'isc')} | {kid} | {fmt(r, 'precision', 3)} | {fmt(r, 'recall', 3)} | "
-            f"{fmt(r, 'accuracy', 3)} | {fmt(r, 'holdout_accuracy', 3)} | "
-            f"{r.get('seconds', 0):.4f} |"
+            f"| {r['setting']} | {r.get('particles', '—')} | {r.get('nfe', 0):.0f} | {fmt(r, 'fid')} | "
+            f"{fmt(r, 'fid_split')} | {fmt(r, 'isc')} | {kid} | {fmt(r, 'precision', 3)} | "
+            f"{fmt(r, 'recall', 3)} | {fmt(r, 'accuracy', 3)} | {fmt(r, 'holdout_accuracy', 3)} | "
+            f"{fmt(r, 'ess', 3)} | {fmt(r, 'seconds', 4)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def row_order(row: dict) -> tuple:
+    """The table's order: the real row, then by N, steps, weight (N = 1 ancestral first)."""
+    if "particles" not in row:
+        return (0,)
+    tag = 0 if row.get("unmasking", "ancestral") == "ancestral" else 1
+    return (1, row["particles"], tag, row["steps"], row["weight"])
+
+
+def merge(parts: list[Path], out: Path, command: str) -> dict[str, Any]:
+    """One table from the JSON records of runs on disjoint cells (same model, labels, seeds,
+    reference and splits); a row present in two parts is an error, except the real row when
+    identical."""
+    records = [json.loads(Path(p).read_text()) for p in parts]
+    first = records[0]["settings"]
+    same = ("model", "n", "per_class", "splits", "reference_size", "seed")
+    rows: dict[str, dict] = {}
+    for record, path in zip(records, parts, strict=True):
+        differ = [k for k in same if record["settings"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"--merge: {path} differs from {parts[0]} in {differ}")
+        for row in record["rows"]:
+            if row["setting"] in rows and ("particles" in row or rows[row["setting"]] != row):
+                raise ValueError(f"--merge: the row {row['setting']!r} appears in two parts")
+            rows[row["setting"]] = row
+    settings = {**first, "wall_min": max(r["settings"]["wall_min"] for r in records)}
+    settings["part_wall_min"] = [r["settings"]["wall_min"] for r in records]
+    settings["command"] = [c for r in records for c in _commands(r["settings"])] + [command]
+    return write(out, sorted(rows.values(), key=row_order), settings)
+
+
+def _commands(settings: dict) -> list[str]:
+    command = settings["command"]
+    return command if isinstance(command, list) else [command]
+
+
+def write(out: Path, rows: list[dict], settings: dict) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"settings": settings, "rows": rows}
+    (out / "image_cfg_table.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "image_cfg_table.md").write_text(report(rows, settings))
+    print((out / "image_cfg_table.md").read_text())
+    return record
+
+
+def csv_of(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: give comma-separated numbers, e.g. 1,8,16") from None
+    if not values:
+        raise SystemExit(f"{flag} {text!r}: give at least one value")
+    return values
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="embedded_image")
     parser.add_argument("--weights", default="1.25,1.5", help="CFG weights (1 = no guidance)")
     parser.add_argument("--steps", default="8,32")
+    parser.add_argument(
+        "--particles", default="1",
+        help="comma-separated N; N = 1: the plain CFG sampler, N > 1: SMC on the CFG target",
+    )  # fmt: skip
+    parser.add_argument(
+        "--smc-unmasking", default="remdm", choices=["remdm", "ancestral"],
+        help="unmasking of the N > 1 rows (remdm: as configs/methods/images/cfg_remdm.yaml)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--remdm-baseline", action="store_true",
+        help="also N = 1 rows with the SMC rows' unmasking (isolates the effect of N)",
+    )  # fmt: skip
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--splits", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -133,10 +268,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference-size", type=int, default=None, help="first K test images (default: all)"
     )
+    parser.add_argument("--no-real", dest="real", action="store_false", help="skip the real row")
     parser.add_argument("--out", type=Path, default=Path("outputs/image_cfg_table"))
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, default=None, metavar="PART.json",
+        help="join the image_cfg_table.json of runs on disjoint cells into --out",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    command = "python experiments/image_cfg_table.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    if args.merge:
+        return merge(args.merge, args.out, command)
     if args.per_class < 1 or args.splits < 2:
         parser.error("--per-class must be >= 1 and --splits >= 2")
+    weights = csv_of(args.weights, float, "--weights")
+    steps_list = csv_of(args.steps, int, "--steps")
+    particles = csv_of(args.particles, int, "--particles")
+    if min(particles) < 1 or min(steps_list) < 1:
+        parser.error("--particles and --steps must be >= 1")
+    if max(particles) > 1 and 1.0 in weights:
+        parser.error("--weights 1 with --particles > 1: w = 1 has no product target to weigh")
     os.environ.setdefault("WANDB_MODE", "disabled")
     start = time.perf_counter()
     model = load_image_model(args.model)
@@ -145,51 +297,74 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.arange(model.num_classes).repeat_interleave(args.per_class)
     n = len(labels)
     rows: list[dict[str, Any]] = []
-    # the real data's own row: n training images (the same labels' counts) against the test set
-    train_images, train_labels = load_fashion_mnist(args.data_root, "train")
-    train_labels = torch.as_tensor(train_labels).long()
-    pick = torch.cat([(train_labels == c).nonzero().flatten()[: args.per_class] for c in range(10)])
-    real = torch.from_numpy(train_images[pick.numpy()].copy()).unsqueeze(1)
-    rows.append(
-        {
-            "setting": f"real (train, n={n})",
-            **scores(real, train_labels[pick], reference, args.splits),
-        }
-    )
-    print(rows[-1], flush=True)
+    if args.real:  # the real data's own row: n training images (the same labels' counts)
+        train_images, train_labels = load_fashion_mnist(args.data_root, "train")
+        train_labels = torch.as_tensor(train_labels).long()
+        pick = torch.cat(
+            [(train_labels == c).nonzero().flatten()[: args.per_class] for c in range(10)]
+        )
+        real = torch.from_numpy(train_images[pick.numpy()].copy()).unsqueeze(1)
+        rows.append(
+            {
+                "setting": f"real (train, n={n})",
+                **scores(real, train_labels[pick], reference, args.splits),
+            }
+        )
+        print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    for steps in [int(s) for s in args.steps.split(",")]:
-        for weight in [float(w) for w in args.weights.split(",")]:
-            method = cfg_method(weight, steps, model.null_class)
-            out = sample_images(method, model, labels, seed=args.seed, batch_size=args.batch_size)
-            row = {"setting": method.name, "nfe": out.nfe, "seconds": out.seconds}
-            row.update(scores(out.images, labels, reference, args.splits))
-            rows.append(row)
-            print(row, flush=True)
-            # rows: the first samples of each class; columns: the classes
-            k = min(10, args.per_class)
-            index = torch.arange(model.num_classes) * args.per_class + torch.arange(k).unsqueeze(1)
-            grid = image_grid(out.images[index.flatten()], nrow=model.num_classes)
-            save_png(grid, args.out / f"grid_w{weight:g}_s{steps}.png")
+    cells = []  # (N, unmasking or None for the default)
+    for N in particles:
+        cells.append((N, None if N == 1 else args.smc_unmasking))
+    if args.remdm_baseline and args.smc_unmasking != "ancestral":
+        cells.append((1, args.smc_unmasking))
+    for N, unmasking in cells:
+        for steps in steps_list:
+            for weight in weights:
+                method = cfg_method(weight, steps, model.null_class, N, unmasking)
+                out = sample_images(
+                    method, model, labels, seed=args.seed, batch_size=args.batch_size
+                )
+                row = {
+                    "setting": method.name,
+                    "weight": weight,
+                    "steps": steps,
+                    "particles": N,
+                    "unmasking": method.unmasking,
+                    **sampler_cells(out),
+                }
+                row.update(scores(out.images, labels, reference, args.splits))
+                rows.append(row)
+                print(row, flush=True)
+                # rows: the first samples of each class; columns: the classes
+                k = min(10, args.per_class)
+                index = torch.arange(model.num_classes) * args.per_class + torch.arange(
+                    k
+                ).unsqueeze(1)
+                grid = image_grid(out.images[index.flatten()], nrow=model.num_classes)
+                save_png(grid, args.out / grid_name(weight, steps, N, method.unmasking))
     settings = {
-        "command": "python experiments/image_cfg_table.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "model": args.model,
         "n": n,
         "per_class": args.per_class,
         "splits": args.splits,
         "reference_size": len(reference),
         "seed": args.seed,
+        "smc_unmasking": args.smc_unmasking,
         "platform": platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "wall_min": (time.perf_counter() - start) / 60,
     }
-    (args.out / "image_cfg_table.json").write_text(
-        json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n"
-    )
-    (args.out / "image_cfg_table.md").write_text(report(rows, settings))
-    print((args.out / "image_cfg_table.md").read_text())
+    return write(args.out, rows, settings)
+
+
+def grid_name(weight: float, steps: int, particles: int, unmasking: str) -> str:
+    """``grid_w<w>_s<steps>.png`` for the plain CFG sampler (the committed names), with
+    ``_n<N>`` and the unmasking (other than ancestral) appended otherwise."""
+    tail = "" if particles == 1 else f"_n{particles}"
+    tail += "" if unmasking == "ancestral" else f"_{unmasking}"
+    return f"grid_w{weight:g}_s{steps}{tail}.png"
 
 
 if __name__ == "__main__":

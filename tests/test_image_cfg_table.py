@@ -36,4 +36,4 @@ def test_table_runs_on_a_random_model_and_reports_every_cell(tmp_path):
     # real images are far closer to the test set than an untrained model's samples
     assert rows[0]["fid"] < rows[1]["fid"] and rows[0]["accuracy"] > rows[1]["accuracy"]
     assert (tmp_path / "grid_w1.5_s2.png").is_file()
-    assert "| CFG 1.5, 2 steps | 4 |" in (tmp_path / "image_cfg_table.md").read_text()
+    assert "| CFG 1.5, 2 steps | 1 | 4 |" in (tmp_path / "image_cfg_table.md").read_text()
