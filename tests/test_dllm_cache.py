@@ -195,12 +195,16 @@ def test_rows_from_another_process_are_rebuilt():
     torch.testing.assert_close(after, before[[2, 3, 0, 1]], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_calls_inside_a_block_write_one_buffer(mode):
-    """No ``[R, L, V]`` tensor per call: the window is written into the state's buffer (the
-    rows outside it are the opening's); a reorder moves the rows into a new buffer, leaving
-    the tensor returned before it as it was."""
-    denoiser = tiny("llada", layers=2)
+@pytest.mark.parametrize(
+    ("mode", "dtype"),
+    [("prefix", torch.float32), ("dual", torch.float32), ("dual", torch.bfloat16)],
+)
+def test_calls_inside_a_block_write_one_buffer(mode, dtype):
+    """No ``[R, L, V]`` tensor per call (a bf16 model's included: its logits are kept in
+    float32): the window is written into the state's buffer (the rows outside it are the
+    opening's); a reorder moves the rows into a new buffer, leaving the tensor returned before
+    it as it was."""
+    denoiser = tiny("llada", layers=2).to(dtype)
     cache = CachedDiffusionLM(denoiser, mode, BLOCK)
     torch.manual_seed(0)
     x = torch.randint(0, 250, (4, L))
@@ -212,6 +216,7 @@ def test_calls_inside_a_block_write_one_buffer(mode):
         kept = first.clone()
         x[:, P + BLOCK + 1] = torch.randint(0, 250, (4,))
         second = cache(x, torch.full((4,), 0.5))
+    assert opening.dtype == first.dtype == cache.state.logits.dtype == torch.float32
     storage = cache.state.logits.untyped_storage().data_ptr()
     assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr() == storage
     window = slice(P + BLOCK, L if mode == "prefix" else P + 2 * BLOCK)

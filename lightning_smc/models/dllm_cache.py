@@ -49,11 +49,12 @@ that cached model (SR-SMC's target is then defined through ``p_cache``, not ``p_
 are not importance weights for the uncached model.
 
 **Output buffer (aliasing).** The opening forward's raw logits ``[R, L, width]`` stay in the
-state, and a call writes the fresh rows ``[q0, q1)`` over them in place
-(``narrow(1, q0, q1 - q0).copy_``) and returns the denoiser's ``finish`` of that buffer, which
-for float32 logits with no column past the vocabulary *is* the buffer (its mask column set to
-``-inf`` in place; bf16 logits come back as a float32 copy, a shifted model's as a shifted
-copy): no ``[R, L, V]`` concatenation is materialised per call. So a returned tensor is valid
+state in float32 (converted once when the block opens, exactly, from a bf16 model's), and a
+call writes the fresh rows ``[q0, q1)`` over them in place (``narrow(1, q0, q1 - q0).copy_``,
+converting only those rows) and returns the denoiser's ``finish`` of that buffer, which with no
+column past the vocabulary *is* the buffer (its mask column set to ``-inf`` in place; a shifted
+model's comes back as a shifted copy): no ``[R, L, V]`` concatenation, and no full-length
+float32 conversion, is materialised per call. So a returned tensor is valid
 until the next call, which overwrites its window, and must not be written to (the rows
 outside the window are the cache's). ``SMCSampler`` obeys both: it reads one step's logits
 before the next call and never writes to a stateful network's output (``sampling.cache``
@@ -93,8 +94,8 @@ Refresh = Literal["block", "step"]
 class KVState:
     """The cache of ``R`` rows: per layer ``keys`` / ``values`` ``[R, kv_heads, L, hd]``, the
     opening state ``tokens [R, L]`` (``z``), the attention ``mask [R, L]`` (or ``None``), the
-    raw ``logits [R, L, width]`` (the opening forward's, with the last call's window written
-    over them: the output buffer), ``valid [R]`` and the block ``[b, e)``."""
+    raw ``logits [R, L, width]`` in float32 (the opening forward's, with the last call's window
+    written over them: the output buffer), ``valid [R]`` and the block ``[b, e)``."""
 
     keys: list[Tensor]
     values: list[Tensor]
@@ -242,7 +243,8 @@ class CachedDiffusionLM(nn.Module):
     def _build(self, x: Tensor, mask: Tensor | None, b: int, e: int) -> KVState:
         logits, keys, values = self._full(x, mask, keep=True)
         valid = torch.ones(len(x), dtype=torch.bool, device=x.device)
-        return KVState(keys, values, x.clone(), mask, logits, valid, b, e)
+        # float32 once (exact from bf16): a call then converts only its window's rows
+        return KVState(keys, values, x.clone(), mask, logits.float(), valid, b, e)
 
     # ------------------------------------------------------------------ forwards
     def _full(self, x: Tensor, mask: Tensor | None, keep: bool = False):
