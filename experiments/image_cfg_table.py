@@ -19,8 +19,8 @@ and by the holdout classifier (another architecture and seed). Standard errors: 
 ``sqrt(p (1 - p) / n)``; IS: torch-fidelity's std over its 10 splits / sqrt(10); FID: the
 spread of FID over ``--splits`` disjoint subsets of the samples (FID at ``n / splits`` images,
 mean ± SE; FID is biased upwards at small ``n``, so compare it only with the same column); ESS:
-the ESS over the steps divided by N, per image, mean ± std / sqrt(n); NFE and seconds per image
-likewise (seconds: each batch's wall time shared by its images).
+the ESS over the steps divided by N, per image, mean ± std / sqrt(n); NFE per image (network
+evaluations of all N particles) and seconds per image likewise (seconds: each batch's wall time shared by its images).
 
     python experiments/image_cfg_table.py --model embedded_image --per-class 100 \
         --particles 1,8,16 --out experiments/results/image_cfg_table
@@ -120,13 +120,13 @@ def scores(
 
 
 def sampler_cells(out: ImageSamples) -> dict[str, float]:
-    """ESS / N (mean over the steps, per image), NFE and seconds per image: mean and
-    ``std / sqrt(n)`` over the images."""
+    """ESS / N (mean over the steps, per image), NFE (all ``N`` particles) and seconds per
+    image: mean and ``std / sqrt(n)`` over the images."""
     row: dict[str, float] = {}
     particles = out.log_weights.shape[-1]
     per_image = {
         "ess": out.ess.double().mean(-1) / particles,
-        "nfe": out.sample_nfe,
+        "nfe": out.sample_nfe * particles,  # the sampler counts per particle sequence
         "seconds": out.sample_seconds,
     }
     for key, values in per_image.items():
@@ -166,7 +166,7 @@ def report(rows: list[dict], settings: dict) -> str:
         f"FID@{settings['n'] // settings['splits']}: mean ± SE over {settings['splits']} disjoint "
         "subsets; IS ± std/sqrt(10) over torch-fidelity's splits; accuracies ± binomial SE "
         "(holdout: `fmnist_classifier_holdout_tiny`, never used elsewhere here); ESS / N (mean "
-        "over the steps), NFE and s / image ± std/sqrt(n) over the images (seconds: batch wall "
+        "over the steps), NFE (all N particles) and s / image ± std/sqrt(n) over the images (seconds: batch wall "
         "time shared by its images).",
         f"- {settings['platform']}, torch {settings['torch']}, {settings['threads']} thread(s); "
         f"wall {settings['wall_min']:.1f} min"

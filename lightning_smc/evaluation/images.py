@@ -7,8 +7,8 @@ generator seeded by ``derive_seed(seed, i)`` as in ``run_method``, so an image d
 its index and label, not on ``batch_size``. The answer is the highest-weight particle
 (``methods.answers``), decoded through the model's VQ. ``ImageSamples`` keeps the tokens (codebook
 ids only), images ``[S, C, H, W]`` in ``[0, 1]``, labels, final normalized log-weights ``[S, N]``
-and the ESS trace ``[S, T]``, per-image NFE and seconds ``[S]`` (its batch's; the batch's wall
-time shared equally, decoding excluded); with ``strip=True`` also the particles of sample 0 just
+and the ESS trace ``[S, T]``, per-image NFE (per particle sequence, as ``nfe``) and seconds ``[S]``
+(its batch's; the batch's wall time shared equally, decoding excluded); with ``strip=True`` also the particles of sample 0 just
 before and just after its first resample (``ParticleStrip``; masked cells painted grey).
 
 ``run_image_config(config)`` runs a method config file whose ``model`` is an image model
@@ -74,7 +74,7 @@ class ImageSamples:
     seconds: float
     strip: ParticleStrip | None = None
     scores: dict[str, Tensor] | None = None  # "reward" / "holdout" [S] of the answers
-    sample_nfe: Tensor | None = None  # [S] float64: its batch's NFE per image
+    sample_nfe: Tensor | None = None  # [S] float64: its batch's NFE per particle sequence
     sample_seconds: Tensor | None = None  # [S] float64: its batch's wall time / batch size
 
     def summary(self) -> dict[str, float]:
