@@ -229,6 +229,15 @@ def reward_name(reward: Any) -> str:
     return scorer_name(reward)
 
 
+def reused_row(tables: dict[str, list[dict]], name: str, steps: int) -> dict | None:
+    """The equal-steps row of ``name`` when it ran at ``steps`` steps (equal NFE then asks for
+    the very same run: same config, steps and seeds, so the same images), else ``None``."""
+    for row in tables.get("equal-steps", []):
+        if row["key"] == name and row["num_steps"] == steps:
+            return row
+    return None
+
+
 def grid_file(budget_name: str, key: str) -> str:
     return f"grid_{budget_name}_{key}.png"
 
@@ -258,7 +267,8 @@ def markdown(tables: dict[str, list[dict]], settings: dict[str, Any]) -> str:
         f"disjoint subsets, FID (n={n}) on all images (no SE; biased up at small n: compare "
         "within a column); IS ± std/sqrt(10) of torch-fidelity's splits.",
         "- every other cell: mean ± std(ddof=1)/sqrt(n) over the images; seconds are batch wall "
-        "times shared by the images of a batch.",
+        "times shared by the images of a batch. An equal-NFE row whose steps equal its "
+        "equal-steps row's is that run (same config, steps and seeds), not sampled twice.",
         f"- wall time: {settings['wall_s'] / 60:.1f} min on {settings['machine']}, torch "
         f"{settings['torch']}"
         + (" (parts run separately: the longest part)." if len(commands) > 1 else "."),
@@ -410,9 +420,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tables: dict[str, list[dict]] = {}
     for budget_name in budgets:
         budget = nfe_budget(args) if budget_name == "equal-nfe" else None
-        tables[budget_name] = [
-            run_method(name, budget_name, budget, args, model, reference) for name in args.methods
-        ]
+        tables[budget_name] = []
+        for name in args.methods:
+            same = reused_row(tables, name, load_run(name, args, budget).method.num_steps)
+            if same is not None:  # the same method, steps and seeds: the same images
+                row = {**same, "budget": budget_name, "nfe_budget": budget, "reused": True}
+                shutil.copy(args.out / same["grid"], args.out / grid_file(budget_name, name))
+                row["grid"] = grid_file(budget_name, name)
+                print(f"[{budget_name}] {row['method']}: the equal-steps run (same steps)")
+            else:
+                row = run_method(name, budget_name, budget, args, model, reference)
+            tables[budget_name].append(row)
     settings = {
         "command": command,
         "num_samples": args.num_samples,

@@ -155,6 +155,17 @@ def test_reward_table_runs_every_method_and_both_budgets(tmp_path):
         assert cells["nfe"]["value"] == particles * row["num_steps"] * evals
         grid = (out_a if row in a["tables"].get(row["budget"], []) else out_b) / row["grid"]
         assert grid.is_file() and grid.stat().st_size < 100_000
+    by_steps = {r["key"]: r for r in a["tables"]["equal-steps"]}
+    by_nfe = {r["key"]: r for r in a["tables"]["equal-nfe"]}
+    # equal NFE at the same steps is the same run: reused, not sampled twice
+    assert (
+        by_nfe["smc_base"]["reused"]
+        and by_nfe["smc_base"]["cells"] == by_steps["smc_base"]["cells"]
+    )
+    assert "reused" not in by_nfe["base"] and (out_a / "grid_equal-nfe_smc_base.png").is_file()
+    # a zero adapter proposes as the base model: SMCamot draws SMCbase's images, seed for seed
+    for key in ("reward", "holdout", "ess", "fid"):
+        assert by_steps["smc_amot"]["cells"][key] == by_steps["smc_base"]["cells"][key]
     # success is reward > log 1/2, SE its binomial std(ddof=1) / sqrt(n)
     base = a["tables"]["equal-steps"][0]
     p = base["cells"]["success"]["value"]
