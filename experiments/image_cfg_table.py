@@ -20,7 +20,8 @@ and by the holdout classifier (another architecture and seed). Standard errors: 
 spread of FID over ``--splits`` disjoint subsets of the samples (FID at ``n / splits`` images,
 mean ± SE; FID is biased upwards at small ``n``, so compare it only with the same column); ESS:
 the ESS over the steps divided by N, per image, mean ± std / sqrt(n); NFE per image (network
-evaluations of all N particles) and seconds per image likewise (seconds: each batch's wall time shared by its images).
+evaluations of all N particles) and seconds per image likewise (seconds: each batch's wall time
+shared by its images).
 
     python experiments/image_cfg_table.py --model embedded_image --per-class 100 \
         --particles 1,8,16 --out experiments/results/image_cfg_table
@@ -153,9 +154,9 @@ def report(rows: list[dict], settings: dict) -> str:
         "",
         *[f"`{c}`" for c in commands],
         "",
-        f"- model: {settings['model']}; {settings['n']} samples per cell ({settings['per_class']} per "
-        "class, the same labels and seeds in every cell); MaskGIT cosine schedule; CFG weight w "
-        "as Meissonic's guidance scale (logits u + w (c - u)); w = 1 is the conditional model "
+        f"- model: {settings['model']}; {settings['n']} samples per cell "
+        f"({settings['per_class']} per class, the same labels and seeds in every cell); MaskGIT "
+        "cosine schedule; CFG weight w as Meissonic's guidance scale (logits u + w (c - u)); w = 1 is the conditional model "
         "alone. N = 1 without a tag: the plain CFG sampler, ancestral unmasking. N > 1: SMC on "
         "the CFG product target p(x | y)^w p(x | null)^(1 - w) (weights = the mixture's "
         f"normalizers), {settings.get('smc_unmasking', 'remdm')} unmasking, systematic "
@@ -166,22 +167,23 @@ def report(rows: list[dict], settings: dict) -> str:
         f"FID@{settings['n'] // settings['splits']}: mean ± SE over {settings['splits']} disjoint "
         "subsets; IS ± std/sqrt(10) over torch-fidelity's splits; accuracies ± binomial SE "
         "(holdout: `fmnist_classifier_holdout_tiny`, never used elsewhere here); ESS / N (mean "
-        "over the steps), NFE (all N particles) and s / image ± std/sqrt(n) over the images (seconds: batch wall "
-        "time shared by its images).",
+        "over the steps), NFE (all N particles) and s / image ± std/sqrt(n) over the images "
+        "(seconds: batch wall time shared by its images).",
         f"- {settings['platform']}, torch {settings['torch']}, {settings['threads']} thread(s); "
         f"wall {settings['wall_min']:.1f} min"
         + (" (parts run separately: the longest part)." if len(commands) > 1 else "."),
         "",
-        f"| setting | N | NFE / image | FID (n={settings['n']}) | FID@{settings['n'] // settings['splits']} "
-        "| IS | KID x 1e3 | precision | recall | accuracy | holdout accuracy | ESS / N | s / image |",
+        f"| setting | N | NFE / image | FID (n={settings['n']}) | "
+        f"FID@{settings['n'] // settings['splits']} | IS | KID x 1e3 | precision | recall | "
+        "accuracy | holdout accuracy | ESS / N | s / image |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         kid = f"{1e3 * r['kid']:.2f}" if "kid" in r else "—"
         lines.append(
-            f"| {r['setting']} | {r.get('particles', '—')} | {r.get('nfe', 0):.0f} | {fmt(r, 'fid')} | "
-            f"{fmt(r, 'fid_split')} | {fmt(r, 'isc')} | {kid} | {fmt(r, 'precision', 3)} | "
-            f"{fmt(r, 'recall', 3)} | {fmt(r, 'accuracy', 3)} | {fmt(r, 'holdout_accuracy', 3)} | "
+            f"| {r['setting']} | {r.get('particles', '—')} | {r.get('nfe', 0):.0f} | "
+            f"{fmt(r, 'fid')} | {fmt(r, 'fid_split')} | {fmt(r, 'isc')} | {kid} | "
+            f"{fmt(r, 'precision', 3)} | {fmt(r, 'recall', 3)} | {fmt(r, 'accuracy', 3)} | {fmt(r, 'holdout_accuracy', 3)} | "
             f"{fmt(r, 'ess', 3)} | {fmt(r, 'seconds', 4)} |"
         )
     return "\n".join(lines) + "\n"

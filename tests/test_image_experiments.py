@@ -134,7 +134,8 @@ def test_reward_table_runs_every_method_and_both_budgets(tmp_path):
 
     adapter = zero_adapter(tmp_path / "adapter")
     common = ["--model", "random_tiny_image", "--num-samples", "4", "--particles", "2",
-              "--steps", "2", "--splits", "2", "--batch-size", "4", "--adapter", str(adapter)]  # fmt: skip
+              "--steps", "2", "--splits", "2", "--batch-size", "4",
+              "--adapter", str(adapter)]  # fmt: skip
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     a = t.main(common + ["--budget", "both", "--methods", "base,best_of_n,smc_base,smc_amot",
                          "--out", str(out_a)])  # fmt: skip
@@ -170,11 +171,11 @@ def test_reward_table_runs_every_method_and_both_budgets(tmp_path):
     base = a["tables"]["equal-steps"][0]
     p = base["cells"]["success"]["value"]
     assert base["cells"]["success"]["se"] == pytest.approx(math.sqrt(p * (1 - p) * 4 / 3 / 4))
-    merged = t.main(["--merge", str(out_a / "image_reward_table.json"),
-                     str(out_b / "image_reward_table.json"), "--out", str(tmp_path / "m")])  # fmt: skip
+    parts = [str(out_a / "image_reward_table.json"), str(out_b / "image_reward_table.json")]
+    merged = t.main(["--merge", *parts, "--out", str(tmp_path / "m")])
     assert [r["key"] for r in merged["tables"]["equal-nfe"]] == t.METHODS
-    assert [r["key"] for r in merged["tables"]["equal-steps"]] == t.METHODS[:2] + ["smc_base",
-                                                                                   "smc_amot"]  # fmt: skip
+    steps_keys = [r["key"] for r in merged["tables"]["equal-steps"]]
+    assert steps_keys == ["base", "best_of_n", "smc_base", "smc_amot"]
     text = (tmp_path / "m" / "image_reward_table.md").read_text()
     assert "| SMCamot (N=2) | 1 |" in text and "## Equal NFE (budget 4 " in text
     assert (tmp_path / "m" / "grid_equal-nfe_prop_amot.png").is_file()
