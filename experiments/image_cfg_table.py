@@ -156,8 +156,8 @@ def report(rows: list[dict], settings: dict) -> str:
         "",
         f"- model: {settings['model']}; {settings['n']} samples per cell "
         f"({settings['per_class']} per class, the same labels and seeds in every cell); MaskGIT "
-        "cosine schedule; CFG weight w as Meissonic's guidance scale (logits u + w (c - u)); w = 1 is the conditional model "
-        "alone. N = 1 without a tag: the plain CFG sampler, ancestral unmasking. N > 1: SMC on "
+        "cosine schedule; CFG weight w as Meissonic's guidance scale (logits u + w (c - u)); "
+        "w = 1 is the conditional model alone. N = 1 without a tag: the plain CFG sampler, ancestral unmasking. N > 1: SMC on "
         "the CFG product target p(x | y)^w p(x | null)^(1 - w) (weights = the mixture's "
         f"normalizers), {settings.get('smc_unmasking', 'remdm')} unmasking, systematic "
         "resampling when ESS < N / 2, the highest-weight particle.",
@@ -183,8 +183,8 @@ def report(rows: list[dict], settings: dict) -> str:
         lines.append(
             f"| {r['setting']} | {r.get('particles', '—')} | {r.get('nfe', 0):.0f} | "
             f"{fmt(r, 'fid')} | {fmt(r, 'fid_split')} | {fmt(r, 'isc')} | {kid} | "
-            f"{fmt(r, 'precision', 3)} | {fmt(r, 'recall', 3)} | {fmt(r, 'accuracy', 3)} | {fmt(r, 'holdout_accuracy', 3)} | "
-            f"{fmt(r, 'ess', 3)} | {fmt(r, 'seconds', 4)} |"
+            f"{fmt(r, 'precision', 3)} | {fmt(r, 'recall', 3)} | {fmt(r, 'accuracy', 3)} | "
+            f"{fmt(r, 'holdout_accuracy', 3)} | {fmt(r, 'ess', 3)} | {fmt(r, 'seconds', 4)} |"
         )
     return "\n".join(lines) + "\n"
 
