@@ -157,10 +157,11 @@ def report(rows: list[dict], settings: dict) -> str:
         f"- model: {settings['model']}; {settings['n']} samples per cell "
         f"({settings['per_class']} per class, the same labels and seeds in every cell); MaskGIT "
         "cosine schedule; CFG weight w as Meissonic's guidance scale (logits u + w (c - u)); "
-        "w = 1 is the conditional model alone. N = 1 without a tag: the plain CFG sampler, ancestral unmasking. N > 1: SMC on "
-        "the CFG product target p(x | y)^w p(x | null)^(1 - w) (weights = the mixture's "
-        f"normalizers), {settings.get('smc_unmasking', 'remdm')} unmasking, systematic "
-        "resampling when ESS < N / 2, the highest-weight particle.",
+        "w = 1 is the conditional model alone. N = 1 without a tag: the plain CFG sampler, "
+        "ancestral unmasking. N > 1: SMC on the CFG product target "
+        "p(x | y)^w p(x | null)^(1 - w) (weights = the mixture's normalizers), "
+        f"{settings.get('smc_unmasking', 'remdm')} unmasking, systematic resampling when "
+        "ESS < N / 2, the highest-weight particle.",
         "- domain metrics: torch-fidelity with the project's Fashion-MNIST classifier "
         "(`fmnist_classifier_tiny`) as feature extractor, reference = the first "
         f"{settings['reference_size']} test images; "
