@@ -29,7 +29,7 @@ shared by its images).
 The cells are independent: run parts in parallel with ``--weights`` / ``--steps`` /
 ``--particles`` subsets (and ``--no-real`` on all but one part), each with its own ``--out``,
 then join them with ``--merge PART/image_cfg_table.json ... --out DIR`` (rows in the table's
-order; the grids stay in the parts' folders).
+order; the parts' grids are copied into DIR).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,12 @@ def merge(parts: list[Path], out: Path, command: str) -> dict[str, Any]:
             if row["setting"] in rows and ("particles" in row or rows[row["setting"]] != row):
                 raise ValueError(f"--merge: the row {row['setting']!r} appears in two parts")
             rows[row["setting"]] = row
+            if "particles" in row:  # the part's grid, copied next to the merged table
+                name = grid_name(row["weight"], row["steps"], row["particles"], row["unmasking"])
+                grid, target = Path(path).parent / name, out / name
+                if grid.is_file() and grid.resolve() != target.resolve():
+                    out.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(grid, target)
     settings = {**first, "wall_min": max(r["settings"]["wall_min"] for r in records)}
     settings["part_wall_min"] = [r["settings"]["wall_min"] for r in records]
     settings["command"] = [c for r in records for c in _commands(r["settings"])] + [command]

@@ -85,6 +85,8 @@ def test_cfg_table_smc_rows_files_and_merge(tmp_path):
         "CFG 1.5, 2 steps",
         "CFG 1.5, 2 steps, N=2 (ReMDM)",
     ]
+    assert (tmp_path / "m" / "grid_w1.5_s2_n2_remdm.png").is_file()
+    assert (tmp_path / "m" / "grid_w1.5_s2.png").is_file()
     text = (tmp_path / "m" / "image_cfg_table.md").read_text()
     assert "| CFG 1.5, 2 steps, N=2 (ReMDM) | 2 | 8 |" in text
     with pytest.raises(ValueError, match="appears in two parts"):
