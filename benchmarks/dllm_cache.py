@@ -22,10 +22,22 @@ Figures per (cache, unmasking, N), after one warm-up run, the median of ``--repe
   the ratio is high; it is the figure at scale (``--device cuda``, a large ``--vocab``) that
   the target is about.
 
+Where the sampler's time goes (a profile at d_model 512, vocab 32k, L = 64, N = 4 on one CPU
+core, ``benchmarks/README.md``): about 85 % of it draws the candidates of the block's masked
+positions (``sampling.draws.inverse_cdf_at``: gathering their logit rows, ``log_softmax``,
+``exp`` and the inverse CDF's chunk sums, ``[#masked, V]`` each), the work that defines the
+samples; the loop's bookkeeping is about 2 ms a step. On CPU a fresh ``[R, L, V]`` float32
+tensor per network call (over glibc's 32 MB ``mmap`` limit) is unmapped when the sampler drops
+it and faulted in again at the next call, several ms a step at that size: the KV cache returns
+one reused buffer; for the uncached network an allocator that keeps freed memory
+(``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``, or jemalloc / tcmalloc) removes it, as
+CUDA's caching allocator does on a GPU.
+
 The caches are an approximation with more than one layer (see ``models.dllm_cache``), so their
 samples differ from the uncached ones; nothing is asserted about timings (shared machines).
 
     python benchmarks/dllm_cache.py             # L = 256, block 32 (a few minutes on one core)
+    python benchmarks/dllm_cache.py --d-model 512 --vocab 32000 --length 64 --repeats 3
     python benchmarks/dllm_cache.py --quick     # smoke run, a few seconds
     python benchmarks/dllm_cache.py --device cuda --d-model 2048 --layers 8 --vocab 126464
 """
