@@ -17,7 +17,7 @@ from pathlib import Path
 
 PANELS = [
     ("train/loss", "loss (log-variance)"),
-    ("train/rollout_reward", "rollout reward (VADER)"),
+    ("train/rollout_reward", "rollout reward ({reward})"),
     ("train/is_ess", "rollout importance ESS / R"),
 ]
 #: drawn when the log has it (baseline="per_state")
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--window", type=int, default=10, help="moving average, in log rows")
     parser.add_argument("--max-step", type=int, default=None, help="plot rows up to this step")
+    parser.add_argument("--reward", default="VADER", help="the reward's name in the title")
     args = parser.parse_args(argv)
     import matplotlib
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             vs, vv = zip(*columns[val_key], strict=True)
             axis.plot(vs, vv, "o-", color="tab:orange", label="validation (fixed seeds)")
             axis.legend(fontsize=7)
-        axis.set_title(title, fontsize=10)
+        axis.set_title(title.format(reward=args.reward), fontsize=10)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
     fig.tight_layout()
