@@ -185,7 +185,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not set_grad_enabled(False): callers (tests) keep their grad mode
+        return run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> list[dict]:
     dm = task_module(args.config)
     denoiser = LLaDADenoiser.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = load_tokenizer(args.model).tokenizer

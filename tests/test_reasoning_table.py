@@ -49,6 +49,7 @@ def test_table_plumbing(tiny_model, tmp_path):
     argv = ["--model", str(tiny_model), "--num-problems", "4", "--particles", "1", "2"]
     argv += ["--block-length", one_block]
     rows = table.main([*argv, "--steps", "8", "--out", str(out)])
+    assert torch.is_grad_enabled()  # the script must not switch autograd off for its caller
     assert [(r["method"], r["setting"]) for r in rows] == [
         ("plain N=1", "baseline"),
         ("SR-SMC N=1", "equal steps"),
