@@ -428,13 +428,21 @@ def _sample_reasoning(runs: list[_Run], options: SampleOptions) -> dict[str, dic
         write_samples_jsonl,
     )
     from .methods import complete_prompts, match_budget
+    from .methods.config import _KEYS
     from .models.loading import model_kind
+
+    default_num_samples = _KEYS["num_samples"][1]
 
     if options.metrics or options.gen_ppl or options.prompt:
         raise SampleUsageError("--metrics / --gen_ppl / --prompt are for text runs without task")
     summaries, items = {}, []
     for run in runs:
         config = run.config
+        if config.prompts is not None or config.num_samples != default_num_samples:
+            raise SampleUsageError(
+                f"{run.label}: with task {config.task!r} the benchmark's problems are the prompts; "
+                "drop prompts / num_samples and choose how many problems with --limit"
+            )
         if options.nfe_budget is not None:
             config.method = match_budget(config.method, options.nfe_budget)
         try:

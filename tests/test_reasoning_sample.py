@@ -111,6 +111,17 @@ def test_sample_cli_task_writes_samples_and_summary(llada_folder, tmp_path):
     assert summary["accuracy"] == pytest.approx(sum(x["correct"] for x in lines) / 8)
 
 
+@pytest.mark.parametrize("extra", [["--num_samples", "4"], ["--prompts", "prompts.txt"]])
+def test_sample_cli_task_refuses_options_it_would_ignore(llada_folder, tmp_path, extra):
+    """With a task the benchmark's problems are the prompts: a prompt file or a number of
+    samples would be silently ignored, so they are a named error pointing at --limit."""
+    (tmp_path / "prompts.txt").write_text("a\n")
+    extra = [str(tmp_path / e) if e.endswith(".txt") else e for e in extra]
+    with pytest.raises(ValueError, match="--limit"):
+        main(["--model", str(llada_folder), "--task", "gsm8k", "--limit", "1", *extra,
+              "--out", str(tmp_path / "out")])  # fmt: skip
+
+
 def test_sample_cli_task_needs_a_diffusion_llm(tmp_path):
     with pytest.raises(ValueError, match="needs a diffusion LLM"):
         main(["--task", "gsm8k", "--limit", "1", "--out", str(tmp_path)])
