@@ -1,14 +1,27 @@
 """``ImageEvaluation``: named sampling methods on a class-conditional image model, at validation.
 
-Each method (a ``methods.Method``, e.g. the plain sampler and CFG as ``ProductTargetSpec``) is
-run by ``evaluation.images.sample_images`` (the shared sampler, built by
-``methods.build_sampler``) on the module's image model (``pl_module.image_model()``, e.g.
-``ImagePretraining``'s: its denoiser and VQ) for the fixed ``labels``, sample ``i`` with the
-generator seeded by ``derive_seed(seed, i)``: the same labels and seeds at every validation and
-for every method. Logged per method ``name``:
+Each method (a ``methods.Method``: the plain sampler, CFG as ``ProductTargetSpec``, or a
+reward-steering method of ``configs/methods/images/``: SMC under ``RewardTiltSpec``, best-of-N,
+the gradient or the amortized proposal) is run by ``evaluation.images.sample_images`` (the shared
+sampler, built by ``methods.build_sampler``) on the module's image model (``pl_module.image_model()``:
+its denoiser and VQ) for the fixed ``labels``, sample ``i`` with the generator seeded by
+``derive_seed(seed, i)``: the same labels and seeds at every validation and for every method.
+
+The steering reward is ``reward`` (e.g. ``rewards.ClassReward``), else the module's ``reward``
+(``AmortizedProposalModule``); a method that needs one (``Method.needs_reward``) without any is an
+error when fitting starts. ``guide`` is ``GradientProposalSpec``'s differentiable surrogate. On a
+module with a LoRA proposal ``q`` (``AmortizedProposalModule``) the methods sample ``p_theta``
+(``q.base_denoiser``, the adapter off) and a ``DenoiserProposalSpec`` proposes from the module's
+current ``q_phi`` (``pl_module.proposal``: with the CFG of its training when it has one).
+
+Logged per method ``name``:
 
 - ``eval/<name>/ess`` (mean final ESS), ``eval/<name>/resamples``, ``eval/<name>/nfe``,
   ``eval/<name>/seconds`` (per image);
+- with a reward: ``eval/<name>/reward`` (mean reward of the answers) and, when the reward has a
+  success threshold (``metrics.registry.success_threshold_of``), ``eval/<name>/success`` (the
+  fraction above it); with ``holdout``: ``eval/<name>/holdout`` (its mean); each with ``_se``
+  (``metrics.MetricSet``, as ``RewardEvaluation``);
 - ``eval/<name>/accuracy``: top-1 accuracy of the domain classifier (``classifier``, a
   ``metrics.classifier`` folder or asset name) on the samples against their labels;
 - ``eval/<name>/fid``, ``eval/<name>/isc``, ... (``fidelity``: torch-fidelity metrics of
@@ -21,25 +34,40 @@ for every method. Logged per method ``name``:
 When ``metrics.image`` (torch-fidelity, the classifier) cannot be imported or the classifier is
 missing, accuracy / FID / IS are skipped with one printed note naming why; the rest still runs.
 The evaluation runs at the first validation batch, while an ``EMAWeightAveraging`` callback's
-weights are swapped in (they are swapped back before ``on_validation_epoch_end``); it samples on
-rank zero only (the images are the same on every rank). Under ``fast_dev_run`` each method runs
-as a smoke test: at most 4 labels, 2 particles and 4 steps.
+weights are swapped in (they are swapped back before ``on_validation_epoch_end``). Under
+``fast_dev_run`` each method runs as a smoke test: at most 4 labels, 2 particles and 4 steps.
+
+**Under DDP** every rank runs the callback and samples its contiguous block of the labels
+(``dist.shard_indices``; an image depends only on its global index, never on the rank or batch).
+The tokens, log-weights, ESS traces and per-sample NFE / seconds are gathered in label order, and
+every rank decodes and scores the whole set, so every number is the single process's (up to the
+float rounding of the weights, which depend on the batch's composition); accuracy and FID / IS
+are computed by rank zero and shared. Rank zero writes the media; the scalars are logged from
+every rank with identical values (``sync_dist``, ``reduce_fx="max"`` keeps them exact).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .. import dist
 from ..evaluation.images import ImageSamples, image_grid, sample_images, save_png, to_png_array
 from ..methods import Method
+from ..metrics.registry import MetricSet, success_threshold_of
+from ..rewards import check_reward_output
 
 __all__ = ["ImageEvaluation"]
+
+T = TypeVar("T")
+SCORED = ("reward", "success", "holdout")  # the MetricSet metrics of the scorers
 
 
 class ImageEvaluation(L.Callback):
@@ -57,6 +85,10 @@ class ImageEvaluation(L.Callback):
     reference_size: test images in the reference set of ``fidelity``.
     every_n_validations: run at the 1st, (k+1)-th, ... validation.
     nrow: images per grid row.
+    reward: the steering reward (a reward object, e.g. ``rewards.ClassReward``; default: the
+        module's ``reward``, if it has one).
+    holdout: a different scorer reported alongside (not steered on).
+    guide: a differentiable surrogate for ``GradientProposalSpec`` methods (``build_sampler``).
     """
 
     def __init__(
@@ -71,6 +103,9 @@ class ImageEvaluation(L.Callback):
         reference_size: int = 1000,
         every_n_validations: int = 1,
         nrow: int = 10,
+        reward: Any = None,
+        holdout: Any = None,
+        guide: Any = None,
     ) -> None:
         if not methods:
             raise ValueError("ImageEvaluation needs at least one method")
@@ -83,16 +118,35 @@ class ImageEvaluation(L.Callback):
             raise ValueError(
                 "num_samples, batch_size, reference_size and every_n_validations must be >= 1"
             )
+        for field, scorer in (("reward", reward), ("holdout", holdout), ("guide", guide)):
+            if scorer is not None and not callable(scorer):
+                raise ValueError(
+                    f"ImageEvaluation: {field} must be a reward object (token ids [B, L] -> "
+                    f"scores [B], e.g. class_path: lightning_smc.rewards.ClassReward with "
+                    f"init_args), got {type(scorer).__name__} {scorer!r}"
+                )
+        sharded = [m.name for m in methods if m.shard_particles]
+        if sharded:
+            raise ValueError(
+                f"ImageEvaluation: methods {sharded} have shard_particles: true, but the callback "
+                "shards the labels over the DDP ranks; set shard_particles: false"
+            )
         self.methods, self.labels, self.num_samples = methods, labels, num_samples
         self.seed, self.batch_size, self.classifier = seed, batch_size, classifier
         self.fidelity, self.reference_size = list(fidelity or []), reference_size
         self.every, self.nrow = every_n_validations, nrow
+        self.reward, self.holdout, self.guide = reward, holdout, guide
         self.validations = 0
         self.history: list[dict[str, Any]] = []
-        self.last_samples: dict[str, ImageSamples] = {}
+        self.last_samples: dict[str, ImageSamples] = {}  # the whole set, on every rank
         self._notes: set[str] = set()
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A method that needs a reward without any fails now, before training starts."""
+        if stage == "fit":
+            self._reward(pl_module)
+
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
@@ -101,14 +155,16 @@ class ImageEvaluation(L.Callback):
         self.validations += 1
         if (self.validations - 1) % self.every:
             return
-        if not trainer.is_global_zero:
-            return
         results = self.evaluate(pl_module, trainer, smoke=bool(trainer.fast_dev_run))
         self.history.append({"step": trainer.global_step, **results})
         for name, row in results.items():
             for key, value in row.items():
-                pl_module.log(f"eval/{name}/{key}", value, batch_size=1, rank_zero_only=True)
-        self._save_media(trainer)
+                # identical on every rank (computed from the gathered set): "max" keeps it exact
+                pl_module.log(
+                    f"eval/{name}/{key}", value, batch_size=1, sync_dist=True, reduce_fx="max"
+                )
+        if trainer.is_global_zero:
+            self._save_media(trainer)
 
     # ------------------------------------------------------------------ work
     def _labels(self, model: Any, smoke: bool) -> list[int]:
@@ -117,11 +173,29 @@ class ImageEvaluation(L.Callback):
             labels = [i % model.num_classes for i in range(self.num_samples)]
         return list(labels[:4]) if smoke else list(labels)
 
+    def _reward(self, pl_module: L.LightningModule) -> Any:
+        """The steering reward (``reward``, else the module's); checks the methods need none
+        when there is none."""
+        reward = self.reward if self.reward is not None else getattr(pl_module, "reward", None)
+        needy = [m.name for m in self.methods if m.needs_reward]
+        if reward is None and needy:
+            raise ValueError(
+                f"ImageEvaluation: methods {needy} need a reward (a RewardTiltSpec potential or "
+                "select: reward), but neither the callback nor the module has one; give reward: "
+                "(e.g. class_path: lightning_smc.rewards.ClassReward, init_args: {target: 7, "
+                "vq: embedded_image})"
+            )
+        return reward
+
     def evaluate(
         self, pl_module: L.LightningModule, trainer: L.Trainer | None = None, smoke: bool = False
     ) -> dict[str, dict[str, float]]:
-        """``{method name: {metric: value}}`` for the module's image model now."""
-        model = pl_module.image_model()
+        """``{method name: {metric: value}}`` for the module's image model now, over every rank
+        of the process group (every rank must call it)."""
+        model, reward = pl_module.image_model(), self._reward(pl_module)
+        lora = getattr(pl_module, "q", None)
+        amortized = None if lora is None else getattr(pl_module, "proposal", lora)
+        sampled = model if lora is None else _WithDenoiser(model, lora.base_denoiser)
         labels = self._labels(model, smoke)
         was_training = pl_module.training
         pl_module.eval()
@@ -134,17 +208,64 @@ class ImageEvaluation(L.Callback):
                         num_particles=min(method.num_particles, 2),
                         num_steps=min(method.num_steps, 4),
                     )
-                samples = sample_images(
-                    method, model, labels, seed=self.seed, batch_size=self.batch_size, strip=True
-                )
+                samples = self._sample(method, sampled, labels, reward, amortized)
                 self.last_samples[method.name] = samples
                 results[method.name] = {
                     **samples.summary(),
-                    **self._quality(samples, trainer, pl_module.device),
+                    **self._scores(samples, reward, pl_module.device),
+                    **_on_rank_zero(lambda s=samples: self._quality(s, trainer, pl_module.device)),
                 }
         finally:
             pl_module.train(was_training)
         return results
+
+    def _sample(
+        self, method: Method, model: Any, labels: list[int], reward: Any, amortized: Any
+    ) -> ImageSamples:
+        """This rank's block of ``labels`` sampled, every rank's gathered in label order."""
+        world = dist.world_size()
+        mine = dist.shard_indices(len(labels), world, dist.rank())
+        local = None
+        if mine:
+            local = sample_images(
+                method, model, [labels[i] for i in mine], seed=self.seed,
+                batch_size=self.batch_size, strip=mine[0] == 0, reward=reward, guide=self.guide,
+                amortized=amortized, offset=mine[0],
+            )  # fmt: skip
+        if world == 1:
+            return local
+        if local is not None:
+            local.images = None  # decoded below from all tokens at once, as in one process
+        parts = [p for p in dist.all_gather_object(local) if p is not None]
+        samples = _concat(parts)
+        if model.vq is not None:
+            samples.images = model.decode(samples.tokens).cpu()
+        return samples
+
+    def _scores(self, samples: ImageSamples, reward: Any, device: Any) -> dict[str, float]:
+        """Reward / success / holdout of the answers (``MetricSet``; every rank scores the
+        whole gathered set: the single process's numbers); kept in ``samples.scores``."""
+        scorers = {"reward": reward, "holdout": self.holdout}
+        with torch.no_grad():
+            samples.scores = {
+                key: check_reward_output(f, f(samples.tokens.to(device)), len(samples.tokens)).cpu()
+                for key, f in scorers.items()
+                if f is not None
+            }
+        if not samples.scores:
+            return {}
+        metrics = MetricSet(
+            defaults=SCORED,
+            reward=reward is not None,
+            holdout=self.holdout is not None,
+            success_threshold=None if reward is None else success_threshold_of(reward),
+            sync=False,
+        )
+        index = torch.arange(len(samples.tokens))
+        metrics.update(
+            SimpleNamespace(index=index, **{"reward": None, "holdout": None, **samples.scores})
+        )
+        return metrics.compute()
 
     def _note(self, text: str) -> None:
         if text not in self._notes:
@@ -219,6 +340,60 @@ class ImageEvaluation(L.Callback):
                         step=trainer.global_step,
                         caption=[caption],
                     )
+
+
+class _WithDenoiser:
+    """``model`` (an ``ImageModel``) sampled through another ``denoiser`` (``p_theta`` of a LoRA
+    module: ``q.base_denoiser``); everything else (VQ, grid, classes) is the model's."""
+
+    def __init__(self, model: Any, denoiser: Any) -> None:
+        self._model, self.denoiser = model, denoiser
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def _concat(parts: list[ImageSamples]) -> ImageSamples:
+    """The ranks' blocks of one method's samples (in rank order, i.e. label order) as one set;
+    the strip is sample 0's (rank zero's); NFE and seconds are the per-sample means."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(field: str) -> torch.Tensor:
+        return torch.cat([getattr(p, field) for p in parts])
+
+    sample_nfe, sample_seconds = cat("sample_nfe"), cat("sample_seconds")
+    return dataclasses.replace(
+        parts[0],
+        labels=cat("labels"),
+        tokens=cat("tokens"),
+        log_weights=cat("log_weights"),
+        ess=cat("ess"),
+        resampled=cat("resampled"),
+        nfe=float(sample_nfe.mean()),
+        seconds=float(sample_seconds.mean()),
+        sample_nfe=sample_nfe,
+        sample_seconds=sample_seconds,
+    )
+
+
+def _on_rank_zero(compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank zero only, its value returned on every rank; an error there is
+    raised on every rank (naming it), so no rank waits for a value that never comes."""
+    if dist.world_size() == 1:
+        return compute()
+    value, error = None, None
+    if dist.is_rank_zero():
+        try:
+            value = compute()
+        except Exception as err:  # re-raised below, after the other ranks heard of it
+            error = err
+    shared, failed = dist.all_gather_object((value, None if error is None else repr(error)))[0]
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"ImageEvaluation: rank zero failed: {failed}")
+    return shared
 
 
 def _slug(name: str) -> str:

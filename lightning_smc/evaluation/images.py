@@ -105,8 +105,12 @@ def sample_images(
     progress_bar: bool = False,
     reward: Any = None,
     guide: Any = None,
+    amortized: Any = None,
+    offset: int = 0,
 ) -> ImageSamples:
-    """One image per label with ``method`` on ``model`` (an ``ImageModel``); module docstring."""
+    """One image per label with ``method`` on ``model`` (an ``ImageModel``); module docstring.
+    ``amortized``: ``build_sampler``'s; ``offset``: the global index of ``labels[0]`` when they
+    are one shard of a larger set (sample ``i`` is seeded by ``derive_seed(seed, offset + i)``)."""
     labels = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels).long()
     if labels.dim() != 1 or not len(labels):
         raise ValueError(f"labels must be a non-empty list of class ids, got {tuple(labels.shape)}")
@@ -115,8 +119,10 @@ def sample_images(
             f"labels must lie in [0, {model.null_class}] ({model.null_class} = null class), got "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
+    if offset < 0:
+        raise ValueError(f"offset={offset} must be >= 0 (the global index of labels[0])")
     sampler = build_sampler(
-        method, model.denoiser, reward=reward, guide=guide, progress_bar=progress_bar
+        method, model.denoiser, reward, amortized, progress_bar=progress_bar, guide=guide
     )
     device = _device(model.denoiser)
     parts, nfe, start, found = [], 0.0, time.perf_counter(), None
@@ -124,7 +130,8 @@ def sample_images(
     for lo in range(0, len(labels), batch_size):
         batch_start = time.perf_counter()
         ids = range(lo, min(lo + batch_size, len(labels)))
-        gens = [torch.Generator(device=device).manual_seed(derive_seed(seed, i)) for i in ids]
+        seeds = [derive_seed(seed, offset + i) for i in ids]
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         cond = labels[lo : ids.stop].to(device)
         record = strip and lo == 0 and method.num_particles > 1
         out = sampler.sample(model.seq_len, cond=cond, generator=gens, record_path=record)

@@ -380,12 +380,28 @@ class AmortizedProposalModule(L.LightningModule):
         from ..models.image import is_image_model, load_image_model
 
         if is_image_model(base):
-            return load_image_model(base).denoiser
+            self._image = load_image_model(base)  # its VQ decodes samples: image_model()
+            return self._image.denoiser
         from ..models.loading import load_denoiser
 
         return load_denoiser(base)
 
     # ------------------------------------------------------------------ networks and target
+    _image: Any = None  # the image base (not a submodule: the checkpoint holds q and F_psi)
+
+    def image_model(self) -> Any:
+        """The image base (``models.image.ImageModel``), e.g. for ``callbacks.ImageEvaluation``.
+        peft adapted its denoiser in place: it computes ``q_phi``; ``p_theta`` is
+        ``self.q.base_denoiser``."""
+        if self._image is None:
+            base = self.base_source
+            base = base if isinstance(base, str | Path) else type(base).__name__
+            raise ValueError(
+                f"image_model(): base={base!r} is not an image model; give an image "
+                "model name or folder as base (embedded_image, random_tiny_image, ...)"
+            )
+        return self._image
+
     @property
     def reference(self) -> Any:
         """``p_theta`` of the target: the base (adapter off), CFG-combined with ``guidance``."""
