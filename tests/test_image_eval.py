@@ -113,20 +113,21 @@ def test_steering_methods_score_the_returned_samples_with_the_modules_reward():
 
 
 def test_an_explicit_reward_replaces_the_modules_and_success_needs_a_threshold():
-    module = image_module()
+    module, decoder = image_module(), class_reward()
 
     def darkness(x0):  # a reward without success_threshold: no success metric
-        return -class_reward().images(x0).mean(dim=(1, 2, 3)).double()
+        return -decoder.images(x0).mean(dim=(1, 2, 3)).double()
 
     callback = ImageEvaluation(methods()[:2], labels=[10, 3], reward=darkness, classifier=None)
     results = callback.evaluate(module)
     for name, row in results.items():
         samples = callback.last_samples[name]
         assert row["reward"] == pytest.approx(float(darkness(samples.tokens).mean()), abs=1e-12)
+        assert row["reward"] != pytest.approx(float(module.reward(samples.tokens).mean()))
         assert "success" not in row and "holdout" not in row and "accuracy" not in row
 
 
-def test_bad_rewards_and_a_reward_method_without_one_are_named_errors(tmp_path):
+def test_bad_rewards_and_a_reward_method_without_one_are_named_errors():
     with pytest.raises(ValueError, match="reward must be a reward object"):
         ImageEvaluation(methods(), reward="ClassReward")
     with pytest.raises(ValueError, match="holdout must be a reward object"):

@@ -3,9 +3,10 @@
 Each method (a ``methods.Method``: the plain sampler, CFG as ``ProductTargetSpec``, or a
 reward-steering method of ``configs/methods/images/``: SMC under ``RewardTiltSpec``, best-of-N,
 the gradient or the amortized proposal) is run by ``evaluation.images.sample_images`` (the shared
-sampler, built by ``methods.build_sampler``) on the module's image model (``pl_module.image_model()``:
-its denoiser and VQ) for the fixed ``labels``, sample ``i`` with the generator seeded by
-``derive_seed(seed, i)``: the same labels and seeds at every validation and for every method.
+sampler, built by ``methods.build_sampler``) on the module's image model
+(``pl_module.image_model()``: its denoiser and VQ) for the fixed ``labels``, sample ``i`` with
+the generator seeded by ``derive_seed(seed, i)``: the same labels and seeds at every validation
+and for every method.
 
 The steering reward is ``reward`` (e.g. ``rewards.ClassReward``), else the module's ``reward``
 (``AmortizedProposalModule``); a method that needs one (``Method.needs_reward``) without any is an
@@ -17,7 +18,7 @@ current ``q_phi`` (``pl_module.proposal``: with the CFG of its training when it 
 Logged per method ``name``:
 
 - ``eval/<name>/ess`` (mean final ESS), ``eval/<name>/resamples``, ``eval/<name>/nfe``,
-  ``eval/<name>/seconds`` (per image);
+  ``eval/<name>/seconds`` (per image; under DDP the mean of each image's batch time);
 - with a reward: ``eval/<name>/reward`` (mean reward of the answers) and, when the reward has a
   success threshold (``metrics.registry.success_threshold_of``), ``eval/<name>/success`` (the
   fraction above it); with ``holdout``: ``eval/<name>/holdout`` (its mean); each with ``_se``
@@ -62,7 +63,7 @@ from .. import dist
 from ..evaluation.images import ImageSamples, image_grid, sample_images, save_png, to_png_array
 from ..methods import Method
 from ..metrics.registry import MetricSet, success_threshold_of
-from ..rewards import check_reward_output
+from ..rewards import BaseReward, check_reward_output
 
 __all__ = ["ImageEvaluation"]
 
@@ -103,9 +104,9 @@ class ImageEvaluation(L.Callback):
         reference_size: int = 1000,
         every_n_validations: int = 1,
         nrow: int = 10,
-        reward: Any = None,
-        holdout: Any = None,
-        guide: Any = None,
+        reward: BaseReward | None = None,
+        holdout: BaseReward | None = None,
+        guide: BaseReward | None = None,
     ) -> None:
         if not methods:
             raise ValueError("ImageEvaluation needs at least one method")
