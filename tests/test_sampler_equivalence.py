@@ -549,16 +549,31 @@ class _ReferenceSampler(SMCSampler):
         return x_s, increment
 
 
-def _assert_same(a: ls.SMCOutput, b: ls.SMCOutput) -> None:
+# Where only the drawn rows of raw logits are normalized (``_normalizes_rows_only``), their
+# log-probabilities are ``log(softmax)`` of those rows, the reference's ``log_softmax`` of the
+# whole tensor: equal up to float32 rounding (~1e-7 per token, relative), summed in float64
+# over at most a few dozen tokens. Integers stay exact; a wrong weight is off by far more.
+ROUNDING = dict(rtol=1e-5, atol=1e-5)
+
+
+def _assert_same(a: ls.SMCOutput, b: ls.SMCOutput, exact: bool = True) -> None:
     for field in ("tokens", "log_weights", "log_normalizer", "ess", "resampled", "ancestors"):
         x, y = getattr(a, field), getattr(b, field)
         assert x.dtype == y.dtype and x.shape == y.shape, field
+        if not exact and x.is_floating_point():
+            torch.testing.assert_close(x, y, **ROUNDING, msg=field)
+            continue
         # equal_nan: -inf / nan entries must sit at the same places with the same bits
         assert torch.equal(x, y) or (
             x.is_floating_point() and torch.equal(x.view(torch.int64), y.view(torch.int64))
         ), field
     assert torch.equal(a.overtakes, b.overtakes)
     assert a.nfe == b.nfe
+
+
+def _rows_only(name) -> bool:
+    denoiser, kwargs, _ = _config(name)
+    return SMCSampler(denoiser, **kwargs)._normalizes_rows_only()
 
 
 def _reference_run(name, monkeypatch):
@@ -570,7 +585,7 @@ def _reference_run(name, monkeypatch):
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_matches_reference_loop(name, monkeypatch):
-    _assert_same(run_config(name), _reference_run(name, monkeypatch))
+    _assert_same(run_config(name), _reference_run(name, monkeypatch), exact=not _rows_only(name))
 
 
 @pytest.mark.parametrize(
@@ -580,7 +595,9 @@ def test_matches_reference_loop_single_thread(name, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _assert_same(run_config(name), _reference_run(name, monkeypatch))
+        _assert_same(
+            run_config(name), _reference_run(name, monkeypatch), exact=not _rows_only(name)
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -647,7 +664,8 @@ ROWS_ONLY = {  # does a step read log p only where it draws? (then only those ro
 @pytest.mark.parametrize("name", sorted(ROWS_ONLY))
 def test_rows_only_normalization_is_chosen_when_exact(name, monkeypatch):
     """Where a step reads log p only at drawn rows, the full [R, L, V] log_softmax is skipped
-    (the outputs stay bit-identical to the reference loop, which normalizes everything)."""
+    (the integer outputs stay identical to the reference loop, which normalizes everything;
+    the weights equal it up to float32 rounding)."""
     import lightning_smc.sampling.cache as cache_module
 
     denoiser, kwargs, _ = _config(name)
@@ -663,7 +681,7 @@ def test_rows_only_normalization_is_chosen_when_exact(name, monkeypatch):
     current = run_config(name)
     assert full and all(n is not ROWS_ONLY[name] for n in full)
     monkeypatch.undo()
-    _assert_same(current, _reference_run(name, monkeypatch))
+    _assert_same(current, _reference_run(name, monkeypatch), exact=not ROWS_ONLY[name])
 
 
 def test_rows_only_is_off_for_log_prob_denoisers_and_custom_twists():

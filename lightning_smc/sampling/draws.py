@@ -53,12 +53,12 @@ def _gather_rows(ctx: StepContext, log_q: Tensor, rows_at: Tensor) -> Tensor:
     return torch.index_select(flat, 0, rows_at, out=rows)
 
 
-def _normalized(ctx: StepContext, rows: Tensor) -> Tensor:
-    """``log_softmax`` of gathered logit rows (into a scratch buffer if any)."""
+def _softmax(ctx: StepContext, rows: Tensor) -> Tensor:
+    """``softmax`` of gathered logit rows (into a scratch buffer if any)."""
     if ctx.scratch is None:
-        return torch.log_softmax(rows, dim=-1)
+        return torch.softmax(rows, dim=-1)
     out = ctx.scratch.get("normalized_rows", rows.shape, rows.dtype, rows.device)
-    return torch.log_softmax(rows, dim=-1, out=out)
+    return torch.softmax(rows, dim=-1, out=out)
 
 
 def inverse_cdf_at(
@@ -66,12 +66,15 @@ def inverse_cdf_at(
 ) -> tuple[Tensor, Tensor | None]:
     """Tokens at the True entries of ``where [R, L]`` (rows ``rows_at`` of ``log_q``), one
     float64 uniform each from the prompt's generator: ``inverse_cdf(exp(log_q[where]), u)``.
-    ``normalize``: ``log_q`` holds logits; the gathered rows are normalized first and the
-    tokens' log-probabilities are returned too (else ``None``)."""
+    ``normalize``: ``log_q`` holds logits; the gathered rows go through one ``softmax`` (a
+    single pass, cheaper on CPU than ``log_softmax`` and then ``exp``), the tokens are drawn
+    from those probabilities and their log-probabilities ``log softmax[token]`` are returned too
+    (else ``None``). A drawn token has a normal (not subnormal) probability except with
+    probability below ``V * 1.2e-38``, so its log matches ``log_softmax`` to float rounding."""
     rows = _gather_rows(ctx, log_q, rows_at)
     u = ctx.rand_at(where)
     if not normalize:  # (rows is a copy: exponentiate it in place)
         return inverse_cdf(rows.exp_(), u), None
-    log_p = _normalized(ctx, rows)
-    tokens = inverse_cdf(torch.exp(log_p, out=rows), u)
-    return tokens, log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    probs = _softmax(ctx, rows)
+    tokens = inverse_cdf(probs, u)
+    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
