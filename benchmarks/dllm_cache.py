@@ -22,12 +22,13 @@ Figures per (cache, unmasking, N), after one warm-up run, the median of ``--repe
   the ratio is high; it is the figure at scale (``--device cuda``, a large ``--vocab``) that
   the target is about.
 
-Where the sampler's time goes (a profile at d_model 512, vocab 32k, L = 64, N = 4 on one CPU
-core, ``benchmarks/README.md``): about 85 % of it draws the candidates of the block's masked
-positions (``sampling.draws.inverse_cdf_at``: gathering their logit rows, ``log_softmax``,
-``exp`` and the inverse CDF's chunk sums, ``[#masked, V]`` each), the work that defines the
-samples; the loop's bookkeeping is about 2 ms a step. On CPU a fresh ``[R, L, V]`` float32
-tensor per network call (over glibc's 32 MB ``mmap`` limit) is unmapped when the sampler drops
+Where the sampler's time goes (d_model 512, vocab 32k, L = 64, one CPU core,
+``benchmarks/README.md``): mostly in drawing the candidates of the block's masked positions
+(``sampling.draws.inverse_cdf_at``: gathering their logit rows, one ``softmax``, the inverse
+CDF's chunk sums, ``[#masked, V]`` each), the work that defines the samples; with stored logits
+about 1.6 ms a step for N = 1 and 6.6 ms for N = 4. That cost does not shrink with the
+network, so a shallow cached model (2 layers) shows 1.05-1.07 and 8 layers at most 1.04.
+On CPU a fresh ``[R, L, V]`` float32 tensor per network call (over glibc's 32 MB ``mmap`` limit) is unmapped when the sampler drops
 it and faulted in again at the next call, several ms a step at that size: the KV cache returns
 one reused buffer; for the uncached network an allocator that keeps freed memory
 (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``, or jemalloc / tcmalloc) removes it, as
