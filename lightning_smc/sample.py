@@ -416,18 +416,16 @@ def _reasoning_runs(runs: list[_Run]) -> bool:
 
 
 def _sample_reasoning(runs: list[_Run], options: SampleOptions) -> dict[str, dict[str, float]]:
-    """Reasoning benchmarks on a diffusion LLM: ``samples.jsonl`` and ``summary.json``."""
-    import json
+    """Reasoning benchmarks on a diffusion LLM: ``samples.jsonl`` and ``summary.json``.
 
-    from .data.reasoning import load_benchmark
-    from .evaluation.reasoning import (
-        TASKS,
-        build_prompt,
-        evaluate_completions,
-        task_name,
-        write_samples_jsonl,
-    )
-    from .methods import complete_prompts, match_budget
+    Every run is checked before anything is loaded. Under ``torchrun`` each rank completes its
+    contiguous block of the problems (``dist.shard_indices``; with ``method.shard_particles``
+    every rank samples every problem with its share of the particles), the completions are
+    gathered in problem order, and rank zero alone scores them (code runs once in the sandbox)
+    and writes the files; every rank returns the same summaries."""
+    from . import dist
+    from .evaluation.reasoning import TASKS, task_name
+    from .methods import match_budget
     from .methods.config import _KEYS
     from .models.loading import model_kind
 
@@ -435,7 +433,7 @@ def _sample_reasoning(runs: list[_Run], options: SampleOptions) -> dict[str, dic
 
     if options.metrics or options.gen_ppl or options.prompt:
         raise SampleUsageError("--metrics / --gen_ppl / --prompt are for text runs without task")
-    summaries, items = {}, []
+    tasks = []
     for run in runs:
         config = run.config
         if config.prompts is not None or config.num_samples != default_num_samples:
@@ -446,45 +444,106 @@ def _sample_reasoning(runs: list[_Run], options: SampleOptions) -> dict[str, dic
         if options.nfe_budget is not None:
             config.method = match_budget(config.method, options.nfe_budget)
         try:
-            task = task_name(config.task)
+            tasks.append(task_name(config.task))
         except (KeyError, ValueError):
             raise SampleUsageError(f"--task {config.task}: not one of {', '.join(TASKS)}") from None
         if model_kind(config.model) == "mdlm":
             raise SampleUsageError(
-                f"{run.label}: task {task} needs a diffusion LLM (an LLaDA or Dream folder); "
+                f"{run.label}: task {tasks[-1]} needs a diffusion LLM (an LLaDA or Dream folder); "
                 f"{config.model} is not one (its config.json names neither)"
             )
+    created = dist.init_from_env(options.device)
+    try:
+        return _run_reasoning(runs, tasks, options, dist)
+    finally:
+        if created:
+            dist.destroy()
+
+
+def _run_reasoning(runs, tasks, options: SampleOptions, dist) -> dict[str, dict[str, float]]:
+    import json
+
+    from .data.reasoning import load_benchmark
+    from .evaluation.reasoning import build_prompt, evaluate_completions, write_samples_jsonl
+
+    device = f"cuda:{dist.local_rank()}" if options.device == "cuda" else "cpu"
+    world, zero = dist.world_size(), dist.is_rank_zero()
+    summaries, items = {}, []
+    for run, task in zip(runs, tasks, strict=True):
+        config = run.config
         denoiser, spec = load_model(config.model, config.tokenizer, config.dtype)
-        denoiser.to(options.device)
+        denoiser.to(device)
         records = load_benchmark(task, limit=config.limit)
         prompts = [build_prompt(task, r) for r in records]
-        done = complete_prompts(
-            config.method, denoiser, spec.tokenizer, prompts, config.gen_length,
-            batch_size=config.batch_size, seed=config.seed, chat=config.chat, progress_bar=True,
-        )  # fmt: skip
-        scored, summary = evaluate_completions(task, records, done.texts)
+        done = _complete_shard(config, denoiser, spec.tokenizer, prompts, dist)
         name = config.method.name
         name = name if name not in summaries else f"{name} ({run.label})"
-        for item, prompt in zip(scored, prompts, strict=True):
-            items.append({"method": name, "prompt": prompt, **item})
-        summaries[name] = {
-            **summary,
-            "particles": config.method.num_particles,
-            "nfe": sum(done.nfe) / len(done.nfe),
-            "steps": sum(done.steps) / len(done.steps),
-            "tokens_per_s": done.generated_tokens / max(done.seconds, 1e-9),
-            "seconds": done.seconds,
-        }
+        summary = None
+        if zero:  # the sandbox runs the programs once, here
+            scored, summary = evaluate_completions(task, records, done["texts"])
+            for item, prompt in zip(scored, prompts, strict=True):
+                items.append({"method": name, "prompt": prompt, **item})
+            summary = {
+                **summary,
+                "particles": config.method.num_particles,
+                "nfe": sum(done["nfe"]) / len(done["nfe"]),
+                "steps": sum(done["steps"]) / len(done["steps"]),
+                "tokens_per_s": done["generated_tokens"] / max(done["seconds"], 1e-9),
+                "seconds": done["seconds"],
+            }
+        summaries[name] = dist.all_gather_object(summary)[0]  # rank zero's, on every rank
+    if not zero:
+        return summaries
     out = Path(options.out)
     write_samples_jsonl(out / "samples.jsonl", items)
     (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    where = f"; {world} processes" if world > 1 else ""
     for name, summary in summaries.items():
         Console().print(
             f"{name}: {summary['task']} accuracy {summary['accuracy']:.3f} +- "
-            f"{summary['accuracy_se']:.3f} ({summary['num_items']} problems); "
+            f"{summary['accuracy_se']:.3f} ({summary['num_items']} problems{where}); "
             f"samples in {out / 'samples.jsonl'}"
         )
     return summaries
+
+
+def _complete_shard(config, denoiser, tokenizer, prompts: list[str], dist) -> dict[str, Any]:
+    """Every problem's completion, gathered from this rank's block (``complete_prompts`` with
+    the block's global ``first_index``) and the other ranks' in problem order: ``texts``,
+    per-problem ``nfe`` / ``steps``, ``generated_tokens`` (all ranks') and ``seconds`` (the
+    slowest rank's: the wall time of the sampling)."""
+    from .methods import complete_prompts
+
+    method = config.method
+    everything = method.shard_particles or dist.world_size() == 1
+    own = (
+        list(range(len(prompts)))
+        if everything
+        else dist.shard_indices(len(prompts), dist.world_size(), dist.rank())
+    )
+    done = complete_prompts(
+        method, denoiser, tokenizer, [prompts[i] for i in own], config.gen_length,
+        batch_size=config.batch_size, seed=config.seed, chat=config.chat,
+        progress_bar=dist.is_rank_zero(), first_index=own[0] if own else 0,
+    )  # fmt: skip
+    shards = dist.all_gather_object(done)
+    seconds = max(shard.seconds for shard in shards)
+    if method.shard_particles:  # every rank holds every answer: rank zero's, counted once
+        shards = shards[:1]
+    merged = {
+        key: [x for shard in shards for x in getattr(shard, key)]
+        for key in ("texts", "nfe", "steps")
+    }
+    if len(merged["texts"]) != len(prompts):
+        raise RuntimeError(
+            f"sample: the shards of {dist.world_size()} process(es) hold "
+            f"{len(merged['texts'])} completions for {len(prompts)} problems"
+        )
+    return {
+        **merged,
+        "generated_tokens": sum(shard.generated_tokens for shard in shards),
+        "seconds": seconds,
+    }
 
 
 def _sample_images(runs: list[_Run], options: SampleOptions) -> dict[str, dict[str, float]]:

@@ -5,6 +5,7 @@ the backbone dispatch of ``models.loading``."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ def test_complete_prompts_is_independent_of_batching(llada_folder):
     each = complete_prompts(method, denoiser, spec.tokenizer, prompts, 16, batch_size=1, seed=1)
     assert one.texts == each.texts and len(one.texts) == 3
     assert one.prompt_tokens == each.prompt_tokens and one.prompt_tokens[2] < one.prompt_tokens[1]
-    assert len(one.nfe) == 1 and len(each.nfe) == 3 and one.seconds > 0
+    assert len(one.nfe) == len(each.nfe) == 3 and one.seconds > 0  # one entry per prompt
+    assert len(set(one.nfe)) == 1 and len(one.steps) == 3  # the value of its batch
     # the KV cache is built for the method's blocks and keeps the end tokens
     cached = Method(**{**method.to_dict(), "potential": SelfRewardSpec(), "kv_cache": "prefix"})
     out = complete_prompts(cached, denoiser, spec.tokenizer, prompts[:1], 16, seed=1)
@@ -85,6 +87,30 @@ def test_complete_prompts_is_independent_of_batching(llada_folder):
 
     sampler = build_sampler(cached, denoiser)
     assert isinstance(sampler.denoiser, CachedDiffusionLM) and sampler.eos_ids == (0,)
+
+
+def test_a_shard_of_the_prompts_completes_as_the_slice_of_the_whole_run(llada_folder):
+    """Prompt ``i`` is seeded by its global index ``first_index + i``: the completions of a
+    contiguous block (one rank's share under torchrun) are the block of the whole run's."""
+    denoiser, spec = load_model(llada_folder)
+    method = Method(name="SR-SMC", num_particles=2, num_steps=4, potential=SelfRewardSpec(),
+                    select="confidence")  # fmt: skip
+    prompts = ["Question: 1 + 1?\nAnswer:", "Q: 7?", "Question: What is 12 times 3?\nAnswer:"]
+    run = dict(gen_length=8, batch_size=2, seed=3)
+    whole = complete_prompts(method, denoiser, spec.tokenizer, prompts, **run)
+    shards = [
+        complete_prompts(method, denoiser, spec.tokenizer, prompts[:2], **run),
+        complete_prompts(method, denoiser, spec.tokenizer, prompts[2:], first_index=2, **run),
+    ]
+    assert shards[0].texts + shards[1].texts == whole.texts
+    assert shards[0].nfe + shards[1].nfe == whole.nfe == [4.0] * 3
+    assert shards[0].steps + shards[1].steps == whole.steps
+    assert shards[0].prompt_tokens + shards[1].prompt_tokens == whole.prompt_tokens
+    # the same block seeded from index 0 is another draw: the global index is what matters
+    wrong = complete_prompts(method, denoiser, spec.tokenizer, prompts[2:], **run)
+    assert wrong.texts != shards[1].texts
+    with pytest.raises(ValueError, match="first_index must be >= 0"):
+        complete_prompts(method, denoiser, spec.tokenizer, prompts, first_index=-1, **run)
 
 
 def test_sample_cli_task_writes_samples_and_summary(llada_folder, tmp_path):
@@ -109,6 +135,61 @@ def test_sample_cli_task_writes_samples_and_summary(llada_folder, tmp_path):
     assert summary["num_items"] == 8 and 0 <= summary["accuracy"] <= 1
     assert summary["accuracy_se"] >= 0 and summary["nfe"] > 0 and summary["tokens_per_s"] > 0
     assert summary["accuracy"] == pytest.approx(sum(x["correct"] for x in lines) / 8)
+
+
+#: SR-SMC (2 particles, resampling) in batches of 4: under 2 processes 3 problems are sampled
+#: in batches [0, 1] and [2], uneven, unlike the single process's [0, 1, 2]. Fast-dLLM's
+#: threshold unmasking, as the paper configs: its draws are per masked position, so a
+#: left-padded prompt's answer does not depend on its batch mates (ancestral / random unmasking
+#: draw position uniforms over the whole padded row, so there it does)
+TWO_PROCESS_ARGS = [
+    "--gen_length", "8", "--batch_size", "4", "--seed", "5",
+    "--method.name", "SR-SMC", "--method.num_particles", "2", "--method.num_steps", "4",
+    "--method.unmasking", "threshold", "--method.block_length", "8",
+    "--method.potential", "self_reward", "--method.resample_when", "every:1",
+    "--method.select", "confidence",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "task, limit",
+    [
+        ("gsm8k", 3),
+        pytest.param("humaneval", 3, marks=pytest.mark.slow, id="humaneval-3"),
+        pytest.param("gsm8k", 1, marks=pytest.mark.slow, id="gsm8k-1"),  # rank 1 has none
+    ],
+)
+def test_sample_cli_task_with_two_processes_writes_the_single_process_files(
+    llada_folder, tmp_path, task, limit
+):
+    """``sample --task`` under torchrun (2 gloo ranks): each rank completes its block of the
+    problems, rank zero scores them (code runs in the sandbox once) and writes samples.jsonl /
+    summary.json equal to one process's, except the timings. (~20 s a case.)"""
+    from test_distributed_eval import torchrun
+
+    args = ["--model", str(llada_folder), "--task", task, "--limit", str(limit), *TWO_PROCESS_ARGS]
+    one = main([*args, "--out", str(tmp_path / "one")])
+    done = torchrun([*args, "--out", str(tmp_path / "two")], 2, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    def records(run: str) -> list[str]:  # a code error's traceback names its sandbox folder
+        text = (tmp_path / run / "samples.jsonl").read_text()
+        return re.sub(r"lsmc_sandbox_\w+", "lsmc_sandbox_", text).splitlines()
+
+    assert len(records("one")) == limit and records("two") == records("one")
+    two = json.loads((tmp_path / "two/summary.json").read_text())
+    assert set(two) == set(one) == {"SR-SMC"}
+    timing = {"tokens_per_s", "seconds"}
+    assert {k: v for k, v in two["SR-SMC"].items() if k not in timing} == {
+        k: v for k, v in one["SR-SMC"].items() if k not in timing
+    }
+    assert two["SR-SMC"]["nfe"] == 4 and two["SR-SMC"]["num_items"] == limit
+    assert two["SR-SMC"]["tokens_per_s"] > 0
+    assert "2 processes" in done.stdout and done.stdout.count("accuracy") == 1  # rank zero
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "samples.jsonl",
+        "summary.json",
+    ]
 
 
 @pytest.mark.parametrize("extra", [["--num_samples", "4"], ["--prompts", "prompts.txt"]])

@@ -248,9 +248,11 @@ class Completions:
 
     ``texts``: the decoded answers (after the prompt, cut at the first end token);
     ``prompt_tokens``: each prompt's length in tokens; ``nfe``: network evaluations per
-    particle sequence of each batch; ``steps``: the sampler steps each batch ran;
-    ``generated_tokens``: tokens of the answers up to their end token; ``seconds``: wall time
-    of the sampler calls."""
+    particle sequence, per prompt (the value of the batch it was sampled in, which can depend
+    on its batch mates with ``stop_at_eos`` or the logit cache); ``steps``: the sampler steps
+    of each prompt's batch; ``generated_tokens``: tokens of the answers up to their end token;
+    ``seconds``: wall time of the sampler calls. Every list has one entry per prompt, so the
+    ``Completions`` of contiguous shards of the prompts concatenate to those of the whole."""
 
     texts: list[str] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
@@ -270,17 +272,28 @@ def complete_prompts(
     seed: int = 0,
     chat: bool = False,
     progress_bar: bool = False,
+    first_index: int = 0,
 ) -> Completions:
     """Decode ``gen_length`` tokens after each of ``prompts`` with ``method`` on a diffusion LM.
 
     Prompts are encoded (``chat``: through the tokenizer's chat template) and left-padded in
     batches of ``batch_size`` (``models.dllm.prompt_batch``; the padding mask goes through
-    ``cond``); prompt ``i`` is sampled with the generator seeded ``derive_seed(seed, i)``, so an
-    answer does not depend on the batching. The answer (``answers``) is decoded from the tokens
-    after the prompt up to the first of the denoiser's end tokens (``eos_id``), without special
-    tokens."""
+    ``cond``); prompt ``i`` is sampled with the generator seeded
+    ``derive_seed(seed, first_index + i)``: ``first_index`` is the global index of the first
+    prompt when ``prompts`` is a contiguous shard of a larger list (one rank's block under
+    ``torchrun``), so an answer depends neither on the batching nor on the sharding -- with
+    ``threshold`` / ``low_confidence`` unmasking. Rules that pick positions with uniforms
+    (e.g. ``ancestral``, ``random``, ``maskgit``) draw them over the whole left-padded row, so
+    there a prompt's answer also depends on the longest prompt of its batch (a valid draw, but
+    not the same one). The
+    answer (``answers``) is decoded from the tokens after the prompt up to the first of the
+    denoiser's end tokens (``eos_id``), without special tokens."""
     from ..models.dllm import prompt_batch
 
+    if first_index < 0:
+        raise ValueError(
+            f"first_index must be >= 0 (the global index of prompts[0]), got {first_index}"
+        )
     if gen_length < 1:
         raise ValueError(f"gen_length must be >= 1, got {gen_length}")
     if batch_size < 1:
@@ -295,7 +308,7 @@ def complete_prompts(
         ids, mask = prompt_batch(tokenizer, chunk, chat=chat, mask_id=denoiser.mask_id)
         P = ids.shape[1]
         gens = [
-            torch.Generator(device=device).manual_seed(derive_seed(seed, first + i))
+            torch.Generator(device=device).manual_seed(derive_seed(seed, first_index + first + i))
             for i in range(len(chunk))
         ]
         start = time.perf_counter()
@@ -312,6 +325,6 @@ def complete_prompts(
             result.texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
             result.prompt_tokens.append(int(real))
             result.generated_tokens += cut
-        result.nfe.append(float(out.nfe))
-        result.steps.append(int(out.steps))
+        result.nfe += [float(out.nfe)] * len(chunk)
+        result.steps += [int(out.steps)] * len(chunk)
     return result
