@@ -33,8 +33,16 @@ tokens after each left-padded prompt (``methods.complete_prompts``) and scores t
 ``prompt``, ``completion``, ``extracted``, ``reference``, ``correct``) and ``summary.json``
 (per method: ``accuracy`` and ``accuracy_se``, NFE, steps, tokens/s)::
 
-    python -m lightning_smc.sample --config configs/methods/dllm/llada_instruct_srsmc.yaml \
+    python -m lightning_smc.sample --config configs/methods/dllm/llada_instruct_srsmc.yaml \\
         --model checkpoints/LLaDA-8B-Instruct --task gsm8k --limit 8 --device cuda
+
+A reasoning run splits over ``torchrun``'s processes too: each GPU completes a contiguous block
+of the problems (prompt ``i`` seeded by its global index, so the answers are a single
+process's) and rank zero scores them all and writes the same two files::
+
+    torchrun --nproc_per_node 8 -m lightning_smc.sample \\
+        --config configs/methods/dllm/llada_instruct_srsmc.yaml \\
+        --model checkpoints/LLaDA-8B-Instruct --task gsm8k --device cuda
 
 Under ``torchrun`` each rank samples a block of the prompts, metrics are reduced across ranks and
 rank zero writes the files, identical to one process's. Nothing non-finite is ever written: a
