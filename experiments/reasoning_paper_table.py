@@ -14,6 +14,8 @@ table is hours per model (N = 4 decodes 4x the tokens); ``--limit`` takes the fi
     python experiments/reasoning_paper_table.py --model dream_instruct --limit 200 --tasks gsm8k
 
 Anything after ``--`` goes to every run (e.g. ``-- --method.kv_cache dual --batch_size 16``).
+Under ``torchrun --nproc_per_node 8 experiments/reasoning_paper_table.py ...`` every run splits
+its problems over the processes (one process group for all runs; rank zero writes the tables).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
+    from lightning_smc import dist
     from lightning_smc.sample import main as sample
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(ROOT))
+    from lightning_smc import dist
     from lightning_smc.sample import main as sample
 
 MODELS = ("llada_instruct", "llada_1.5", "dream_instruct")
@@ -75,8 +79,9 @@ def run_table(model, tasks, out, weights=None, limit=None, device=None, extra=()
                 argv += ["--device", device]
             (summary,) = sample([*argv, *extra]).values()
             results[task][method] = summary
-    (out / f"{model}_table.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{model}_table.md").write_text(markdown(model, results))
+    if dist.is_rank_zero():
+        (out / f"{model}_table.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / f"{model}_table.md").write_text(markdown(model, results))
     return results
 
 
@@ -122,10 +127,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: the configs' (cuda)")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments/results/reasoning_paper")
     args = parser.parse_args(argv)
-    results = run_table(
-        args.model, args.tasks, args.out, args.weights, args.limit, args.device, extra
-    )
-    print((args.out / f"{args.model}_table.md").read_text())
+    # under torchrun: one process group for every run (each ``sample`` run reuses it; creating
+    # and destroying one per run can pick up stale gloo / NCCL addresses)
+    created = dist.init_from_env(args.device or "cuda")
+    try:
+        results = run_table(
+            args.model, args.tasks, args.out, args.weights, args.limit, args.device, extra
+        )
+        if dist.is_rank_zero():
+            print((args.out / f"{args.model}_table.md").read_text())
+    finally:
+        if created:
+            dist.destroy()
     return results
 
 

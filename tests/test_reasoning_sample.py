@@ -231,3 +231,41 @@ def test_reasoning_paper_table_plumbing(llada_folder, tmp_path):
     text = (tmp_path / "llada_1.5_table.md").read_text()
     assert "| GSM8K | 2 |" in text and "| 79.8 |" in text and "| 44.2 |" in text
     assert json.loads((tmp_path / "llada_1.5_table.json").read_text()) == results
+
+
+@pytest.mark.slow
+def test_reasoning_paper_table_under_torchrun_equals_one_process(llada_folder, tmp_path):
+    """The paper-table script under torchrun (2 gloo ranks): one process group for all 4 runs
+    (2 tasks x 2 methods), problems split over the ranks, rank zero writes the same tables."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning_smc import dist
+
+    script = Path(__file__).resolve().parents[1] / "experiments/reasoning_paper_table.py"
+    args = ["--model", "llada_1.5", "--weights", str(llada_folder), "--limit", "3",
+            "--tasks", "gsm8k", "math500", "--device", "cpu", "--",
+            "--gen_length", "8", "--method.block_length", "8", "--method.num_steps", "8"]  # fmt: skip
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, str(script), *args[:-7], "--out", str(one), *args[-7:]],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    two = tmp_path / "two"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={dist.free_port()}", str(script),
+         *args[:-7], "--out", str(two), *args[-7:]],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("plain vs SR-SMC") == 1  # printed by rank zero only
+    a = json.loads((one / "llada_1.5_table.json").read_text())
+    b = json.loads((two / "llada_1.5_table.json").read_text())
+    for task in ("gsm8k", "math500"):
+        for method in ("plain", "srsmc"):
+            x, y = a[task][method], b[task][method]
+            for key in ("accuracy", "accuracy_se", "num_items", "nfe", "particles"):
+                assert x[key] == y[key], (task, method, key)
+            lines = [(one / "llada_1.5" / task / method / "samples.jsonl").read_text(),
+                     (two / "llada_1.5" / task / method / "samples.jsonl").read_text()]  # fmt: skip
+            assert lines[0] == lines[1]
