@@ -17,9 +17,10 @@ Propamot      prop_amot.yaml, N=1              the amortized proposal alone
 Tasks: ``sentiment`` (configs/methods/embedded: steer VADER, holdout AFINN) and ``toxicity``
 (configs/methods/embedded_toxicity: steer ProfanityToxicity towards toxic text, as the paper's
 red-teaming table; holdout WordListToxicity; the gradient proposals follow the learned
-surrogate lightning_smc/assets/toxicity_reward_tiny). The toxicity task has no packaged adapter:
-its SMCamot / Propamot rows run only with ``--adapter DIR`` (they are SMCbase / Propgrad with
-the proposal replaced by that adapter).
+surrogate lightning_smc/assets/toxicity_reward_tiny; SMCamot / Propamot use the packaged
+toxicity adapter lightning_smc/assets/toxicity_adapter_tiny, ``embedded_toxicity``). A task
+folder without smc_amot.yaml / prop_amot.yaml runs those rows only with ``--adapter DIR`` (as
+SMCbase / Propgrad with the proposal replaced by that adapter).
 
 Budgets (``--budget``): ``equal-steps`` runs every method at its config's steps (``--steps``
 overrides); ``equal-nfe`` gives each method the steps that spend what SMCbase spends at those
@@ -445,7 +446,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--adapter", default=None,
-        help="LoRA adapter folder for SMCamot / Propamot (sentiment default: the packaged one)",
+        help="LoRA adapter folder for SMCamot / Propamot (default: the task's packaged one)",
     )  # fmt: skip
     parser.add_argument("--guide", default=None, help="learned-reward folder for the gradient")
     parser.add_argument("--steps", type=int, default=None, help="default: each config's")
@@ -588,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tables[budget_name] = run_table(
                 args.task, budget_name, args, denoiser, spec.tokenizer, samples_file
             )
-    adapter = args.adapter or ("embedded" if args.task == "sentiment" else "none")
+    adapter = args.adapter or ("embedded" if args.task == "sentiment" else "embedded_toxicity")
     settings = {
         "command": command,
         "task": args.task,

@@ -107,7 +107,8 @@ def test_the_toxicity_table_matches_budgets(tmp_path):
     ]  # fmt: skip
     record = table.main(argv)
     rows = {r["key"]: r for r in record["tables"]["equal-nfe"]}
-    assert "smc_amot" not in rows  # no packaged toxicity adapter: skipped without --adapter
+    # the packaged toxicity adapter; the amortized proposal costs 2 forwards a step: half the steps
+    assert rows["smc_amot"]["method"] == "SMCamot (N=2)" and rows["smc_amot"]["num_steps"] == 2
     assert rows["base"]["num_steps"] == 8 and rows["smc_grad"]["num_steps"] == 4
     assert {r["nfe_budget"] for r in rows.values()} == {8}
     _finite_cells(record)

@@ -139,8 +139,8 @@ class GradientProposalSpec(ProposalSpec):
 class DenoiserProposalSpec(ProposalSpec):
     """``DenoiserProposal(amortized, correct)`` (SMCamot) with the LoRA proposal passed to
     ``build_sampler``, else ``DenoiserProposal.from_adapter(copy of the base, adapter,
-    correct)`` (``adapter``: a folder written by ``AmortizedProposalModule``, ``embedded`` (the
-    packaged text adapter) or ``embedded_image`` (the embedded image model's,
+    correct)`` (``adapter``: a folder written by ``AmortizedProposalModule``, ``embedded`` /
+    ``embedded_toxicity`` (the packaged text adapters) or ``embedded_image`` (the embedded image model's,
     ``models.image.resolve_image_adapter``)). An adapter trained with guidance proposes with it
     (``_as_trained``)."""
 

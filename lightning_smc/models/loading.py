@@ -53,6 +53,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = ASSETS / "mdlm_tiny"
 #: the amortized sentiment proposal (LoRA) of the embedded model (configs/amortized/sentiment_tiny.yaml)
 EMBEDDED_ADAPTER = ASSETS / "sentiment_adapter_tiny"
+#: the amortized toxicity proposal (LoRA) of the embedded model
+#: (configs/amortized/toxicity_tiny_per_state.yaml)
+EMBEDDED_TOXICITY_ADAPTER = ASSETS / "toxicity_adapter_tiny"
 #: the learned sentiment reward (imitates VADER) on the embedded model's vocabulary
 EMBEDDED_REWARD = ASSETS / "sentiment_reward_tiny"
 #: the learned toxicity surrogate (imitates ProfanityToxicity), for SMCgrad on toxicity
@@ -65,8 +68,10 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 
 
 def resolve_adapter(name_or_path: str | Path) -> Path:
-    """``"embedded"`` -> the packaged LoRA adapter of the embedded model; else the folder."""
-    return EMBEDDED_ADAPTER if str(name_or_path) == "embedded" else Path(name_or_path)
+    """``"embedded"`` -> the packaged sentiment LoRA adapter of the embedded model,
+    ``"embedded_toxicity"`` -> its toxicity adapter; else the folder."""
+    named = {"embedded": EMBEDDED_ADAPTER, "embedded_toxicity": EMBEDDED_TOXICITY_ADAPTER}
+    return named.get(str(name_or_path), Path(name_or_path))
 
 
 #: ``config.json`` ``model_type`` / ``architectures`` entries of the diffusion LLMs
