@@ -129,16 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     # under torchrun: one process group for every run (each ``sample`` run reuses it; creating
     # and destroying one per run can pick up stale gloo / NCCL addresses)
-    created = dist.init_from_env(args.device or "cuda")
-    try:
+    with dist.process_group(args.device or "cuda"):
         results = run_table(
             args.model, args.tasks, args.out, args.weights, args.limit, args.device, extra
         )
         if dist.is_rank_zero():
             print((args.out / f"{args.model}_table.md").read_text())
-    finally:
-        if created:
-            dist.destroy()
     return results
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "is_initialized",
     "is_rank_zero",
     "local_rank",
+    "process_group",
     "rank",
     "shard_indices",
     "world_size",
@@ -114,6 +116,18 @@ def init_from_env(
         kwargs["timeout"] = timeout
     tdist.init_process_group(**kwargs)
     return True
+
+
+@contextmanager
+def process_group(device: str | torch.device = "cpu") -> Iterator[None]:
+    """``init_from_env(device)`` for the body; the group is destroyed after it only when this
+    call created it (so nested uses and an existing group are left alone)."""
+    created = init_from_env(device)
+    try:
+        yield
+    finally:
+        if created:
+            destroy()
 
 
 def destroy() -> None:

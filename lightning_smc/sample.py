@@ -397,12 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             device=options.device,
         )
         prepared.append((run, metrics))
-    created = dist.init_from_env(options.device)
-    try:
+    with dist.process_group(options.device):
         return _sample(prepared, options, dist, evaluate_distributed)
-    finally:
-        if created:
-            dist.destroy()
 
 
 def _image_runs(runs: list[_Run]) -> bool:
@@ -460,12 +456,8 @@ def _sample_reasoning(runs: list[_Run], options: SampleOptions) -> dict[str, dic
                 f"{run.label}: task {tasks[-1]} needs a diffusion LLM (an LLaDA or Dream folder); "
                 f"{config.model} is not one (its config.json names neither)"
             )
-    created = dist.init_from_env(options.device)
-    try:
+    with dist.process_group(options.device):
         return _run_reasoning(runs, tasks, options, dist)
-    finally:
-        if created:
-            dist.destroy()
 
 
 def _run_reasoning(runs, tasks, options: SampleOptions, dist) -> dict[str, dict[str, float]]:
