@@ -13,8 +13,10 @@ unigram entropy (nats). Families:
   ``match_budget(method, steps)``, i.e. the base sampler's budget of ``--steps`` network
   evaluations per answer split over the N particles (N=4: steps/4 steps, N=8: steps/8).
 
-NFE counts denoiser evaluations per answer, nominally (``N x steps``); the base sampler runs
-with the logit cache (identical samples, fewer evaluations: ``nfe_evaluated``).
+NFE counts denoiser evaluations per answer, nominally (``N x steps``); every point runs with
+the logit cache (the embedded MDLM has no time conditioning, so a row whose tokens did not change
+keeps its logits: identical samples, fewer evaluations, reported as ``nfe_evaluated``). SR-SMC
+points measured before 2026-12-02 ran without it; their samples are the same.
 
 Standard errors: entropy ``std(ddof=1) / sqrt(n)``; gen PPL by the delta method on the
 token-weighted ratio ``m = sum_i a_i / sum_i b_i`` (``a_i`` summed NLL of answer i, ``b_i`` its
@@ -129,7 +131,7 @@ def point_method(point: dict, steps: int):
         )  # fmt: skip
     method = dataclasses.replace(
         base, name=point["key"], num_particles=point["N"], num_steps=steps,
-        potential=SelfRewardSpec(beta=point["beta"]),
+        potential=SelfRewardSpec(beta=point["beta"]), cache=True,
     )  # fmt: skip
     if point["budget"] == "equal NFE":  # the base sampler's budget: `steps` evaluations
         method = match_budget(method, steps)
@@ -349,6 +351,26 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ main
+def restore_points(report: Path, out: Path) -> list[str]:
+    """Write the point files of a report JSON (its summary rows plus their per-sample values)
+    into ``out/points``, skipping keys already there; returns the keys written."""
+    if not report.is_file():
+        raise SystemExit(f"--restore: {report} is not a file (a srsmc_frontier.json report)")
+    meta = json.loads(report.read_text())
+    if "points" not in meta or "per_sample" not in meta:
+        raise SystemExit(f"--restore: {report} has no 'points' / 'per_sample' (not a report)")
+    written = []
+    for row in meta["points"]:
+        path = out / "points" / f"{row['key']}.json"
+        if path.exists():
+            continue
+        full = dict(row, **meta["per_sample"].get(row["key"], {}))
+        path.write_text(json.dumps(full) + "\n")
+        written.append(row["key"])
+    print(f"restored {len(written)} point(s) from {report}", flush=True)
+    return written
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-samples", type=int, default=128)
@@ -364,9 +386,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--scorer-batch", type=int, default=16)
     parser.add_argument("--redo", action="store_true", help="re-run points already on disk")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--restore", type=Path, default=None,
+        help="a report JSON (e.g. experiments/results/srsmc_frontier.json): write its points "
+        "into OUT/points first (those not already there), so new points join committed ones",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out
     (out / "points").mkdir(parents=True, exist_ok=True)
+    if args.restore is not None:
+        restore_points(args.restore, out)
     if args.report_only:
         return write_report(out, args)
 

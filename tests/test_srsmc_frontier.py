@@ -102,3 +102,43 @@ def test_temperature_curve_interpolates_log_ppl():
     ]
     assert frontier.temperature_curve(rows, 3.5) == pytest.approx(1000.0)
     assert frontier.temperature_curve(rows, 4.5) is None
+
+
+def test_restore_rebuilds_the_point_files_of_a_report(tmp_path):
+    first = tmp_path / "first"
+    argv = ["--num-samples", "2", "--steps", "4", "--seq-len", "16", "--gen-ppl", "0",
+            "--points", "temp0.7,srsmc-n4-b1.0-nfe", "--out", str(first)]  # fmt: skip
+    frontier.main(argv)
+    report = first / "srsmc_frontier.json"
+    second = tmp_path / "second"
+    rows = frontier.main(["--restore", str(report), "--report-only", "--out", str(second)])
+    assert [r["key"] for r in rows] == ["temp0.7", "srsmc-n4-b1.0-nfe"]
+    # the rebuilt report is the original one (per-sample values included)
+    assert (second / "srsmc_frontier.md").read_text() == (first / "srsmc_frontier.md").read_text()
+    restored = json.loads((second / "points" / "temp0.7.json").read_text())
+    assert (
+        restored["per_sample_entropy"]
+        == json.loads(report.read_text())["per_sample"]["temp0.7"]["per_sample_entropy"]
+    )
+    # points already on disk are kept, not overwritten
+    assert frontier.restore_points(report, second) == []
+    with pytest.raises(SystemExit, match="--restore"):
+        frontier.restore_points(tmp_path / "missing.json", second)
+
+
+def test_srsmc_points_use_the_logit_cache_without_changing_samples():
+    import dataclasses
+
+    from lightning_smc.evaluation import run_method
+    from lightning_smc.models.loading import load_model
+
+    denoiser, spec = load_model("embedded")
+    grid = {p["key"]: p for p in frontier.make_grid("full")}
+    method = frontier.point_method(grid["srsmc-n4-b1.0-steps"], 8)
+    assert method.cache
+    kwargs = dict(num_samples=2, seq_len=16, batch_size=2, seed=3)
+    cached = run_method(method, denoiser, spec.tokenizer, **kwargs)
+    plain = run_method(dataclasses.replace(method, cache=False), denoiser, spec.tokenizer, **kwargs)
+    assert torch.equal(cached.tokens, plain.tokens)
+    assert torch.equal(cached.log_weights, plain.log_weights)
+    assert cached.nfe < plain.nfe
