@@ -305,6 +305,18 @@ def label_of(name: str, run) -> str:
     return f"{run.method.name} (N={particles})"
 
 
+def same_as_equal_steps(name: str, run, budget: int, budget_name: str) -> dict[str, Any]:
+    """The row of a method whose configuration at the NFE budget is its equal-steps one: no
+    cells of its own, the report shows the equal-steps row's (``same_as``)."""
+    return {
+        "method": label_of(name, run), "key": name, "budget": budget_name,
+        "nfe_budget": budget, "num_particles": run.method.num_particles,
+        "num_steps": run.method.num_steps, "resample_when": run.method.resample_when,
+        "alpha": getattr(run.method.potential, "alpha", None), "n": 0,
+        "same_as": "equal-steps", "sampling_s": 0.0, "total_s": 0.0,
+    }  # fmt: skip
+
+
 def run_table(task: str, budget_name: str, args, denoiser, tokenizer, samples_file) -> list[dict]:
     budget = nfe_budget(task, args) if budget_name == "equal-nfe" else None
     rows = []
@@ -319,6 +331,13 @@ def run_table(task: str, budget_name: str, args, denoiser, tokenizer, samples_fi
             )
             continue
         run = load_run(task, name, args, budget)
+        if budget is not None and run.method == load_run(task, name, args, None).method:
+            # already at the budget (e.g. SMCbase defines it): the same configuration, the same
+            # seeds and so the same answers as its equal-steps row; not sampled twice
+            rows.append(same_as_equal_steps(name, run, budget, budget_name))
+            print(f"[{budget_name}] {rows[-1]['method']}: its equal-steps configuration "
+                  "(not rerun)", flush=True)  # fmt: skip
+            continue
         start = time.perf_counter()
         result = run_config(run, denoiser, tokenizer, shard=args.shard)
         sampled = time.perf_counter() - start
@@ -406,11 +425,17 @@ def markdown(task: str, tables: dict[str, list[dict]], settings: dict[str, Any])
         lines.append("|---|---:|" + "---:|" * len(COLUMNS))
         for row in rows:
             jackknife = run.get("dist_se", "jackknife") == "jackknife"
+            label, source = row["method"], row.get("cells")
+            if row.get("same_as"):  # the identical configuration's row, shown once more
+                twin = next((r for r in tables.get(row["same_as"], []) if r["key"] == row["key"]),
+                            None)  # fmt: skip
+                label += f" (= its {row['same_as']} row: the same configuration)"
+                source = twin["cells"] if twin is not None else {}
             cells = [
-                cell(dist_cell(row["cells"], k) if jackknife else row["cells"].get(k), fmt)
+                cell(dist_cell(source, k) if jackknife else source.get(k), fmt)
                 for k, _, fmt in COLUMNS
             ]
-            lines.append(f"| {row['method']} | {row['num_steps']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {row['num_steps']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -527,7 +552,7 @@ def merge(
             raise ValueError(f"--merge: a method appears twice in {budget_name}: {keys}")
         rows.sort(key=lambda r: METHODS.index(r["key"]))
         for row in rows:
-            if "shards" not in row:
+            if "shards" not in row or row.get("same_as"):
                 continue
             group = sorted(answers.get((budget_name, row["key"]), []), key=lambda a: a["index"])
             indices = [a["index"] for a in group]
@@ -544,7 +569,9 @@ def merge(
     settings = {**first, "wall_s": max(r["settings"]["wall_s"] for r in records)}
     settings["dist_se"] = dist_se
     settings["part_wall_s"] = [r["settings"]["wall_s"] for r in records]
-    settings["command"] = [r["settings"]["command"] for r in records] + [command]
+    commands = [r["settings"]["command"] for r in records]  # a merged part holds a list
+    settings["command"] = [c for cs in commands for c in ([cs] if isinstance(cs, str) else cs)]
+    settings["command"].append(command)
     for key in ("guide", "adapter"):
         values = [r["settings"][key] for r in records if r["settings"][key] != "none"]
         settings[key] = values[0] if values else "none"

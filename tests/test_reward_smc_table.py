@@ -79,7 +79,7 @@ def test_dist_jackknife_leaves_each_text_out():
 def _finite_cells(record):
     for rows in record["tables"].values():
         for row in rows:
-            for key, entry in row["cells"].items():
+            for key, entry in row.get("cells", {}).items():
                 assert math.isfinite(entry["value"]), (row["method"], key)
                 assert entry["se"] is not None and math.isfinite(entry["se"]), (row["method"], key)
 
@@ -111,7 +111,33 @@ def test_the_toxicity_table_matches_budgets(tmp_path):
     assert rows["smc_amot"]["method"] == "SMCamot (N=2)" and rows["smc_amot"]["num_steps"] == 2
     assert rows["base"]["num_steps"] == 8 and rows["smc_grad"]["num_steps"] == 4
     assert {r["nfe_budget"] for r in rows.values()} == {8}
+    # SMCbase and SMCgrad already spend the budget at their steps: one configuration, not rerun
+    assert rows["smc_base"]["same_as"] == rows["smc_grad"]["same_as"] == "equal-steps"
+    assert "cells" not in rows["smc_grad"] and "same_as" not in rows["base"]
     _finite_cells(record)
+
+
+def test_equal_nfe_rows_of_an_unchanged_configuration_show_its_equal_steps_cells(tmp_path):
+    argv = [
+        "--task", "sentiment", "--num-samples", "2", "--particles", "2", "--steps", "4",
+        "--seq-len", "16", "--no-gen-ppl", "--bootstrap", "20", "--budget", "both",
+        "--methods", "base,smc_base", "--out", str(tmp_path),
+    ]  # fmt: skip
+    record = table.main(argv)
+    steps = {r["key"]: r for r in record["tables"]["equal-steps"]}
+    nfe = {r["key"]: r for r in record["tables"]["equal-nfe"]}
+    assert nfe["smc_base"]["same_as"] == "equal-steps" and "cells" in nfe["base"]
+    assert nfe["base"]["num_steps"] == 8 and steps["base"]["num_steps"] == 4
+    text = (tmp_path / "sentiment_table.md").read_text()
+    equal_nfe = text.split("## Equal NFE")[1]
+    reward = table.cell(steps["smc_base"]["cells"]["reward"], ".3f")
+    assert f"| SMCbase (N=2) (= its equal-steps row: the same configuration) | 4 | {reward} |" in (
+        equal_nfe
+    )
+    # the answers file holds the sampled rows only
+    lines = (tmp_path / "sentiment_table_samples.jsonl").read_text().splitlines()
+    keys = [(a["budget"], a["key"]) for a in map(json.loads, lines)]
+    assert ("equal-nfe", "smc_base") not in keys and ("equal-nfe", "base") in keys
 
 
 def _record(keys, wall_s):
@@ -142,6 +168,14 @@ def test_merge_joins_parts_in_method_order(tmp_path):
     assert record["settings"]["wall_s"] == 30.0
     assert len((tmp_path / "m/t_samples.jsonl").read_text().splitlines()) == 2
     assert "0.500 ± 0.100" in (tmp_path / "m/t.md").read_text()
+    # a merged table joins further parts; its commands stay one flat list
+    extra = tmp_path / "e.json"
+    extra.write_text(json.dumps(_record(["prop_grad"], 5.0)))
+    again = table.main(["--merge", str(tmp_path / "m/t.json"), str(extra), "--out",
+                        str(tmp_path / "m2"), "--name", "t"])  # fmt: skip
+    assert all(isinstance(c, str) for c in again["settings"]["command"])
+    assert len(again["settings"]["command"]) == 5
+    assert [r["key"] for r in again["tables"]["equal-steps"]][-1] == "prop_grad"
     clash = tmp_path / "c.json"
     clash.write_text(json.dumps(_record(["smc_base"], 1.0)))
     with pytest.raises(ValueError, match="appears twice"):
