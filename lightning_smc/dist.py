@@ -14,6 +14,9 @@ so callers never branch on whether a process group exists.
 - ``all_gather_object(obj)``: every rank's ``obj`` (picklable), in rank order, on every rank.
 - ``all_gather_tensor(tensor)``: every rank's tensor, in rank order; the first dimension may
   differ between ranks (the other dimensions, dtype and device must agree).
+- ``on_rank_zero(compute)``: ``compute()`` run by rank zero only (a metric over gathered
+  samples, a sandbox), its value returned on every rank; an error there is raised on every
+  rank, so no rank waits for a value that never comes.
 - ``barrier()``; ``free_port()``: a free TCP port on 127.0.0.1, for a local ``MASTER_PORT``.
 
 Seeds of per-item randomness should be derived from global item indices
@@ -25,10 +28,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -43,11 +46,14 @@ __all__ = [
     "is_initialized",
     "is_rank_zero",
     "local_rank",
+    "on_rank_zero",
     "process_group",
     "rank",
     "shard_indices",
     "world_size",
 ]
+
+T = TypeVar("T")
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -195,3 +201,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def on_rank_zero(compute: Callable[[], T], what: str = "rank zero's step") -> T:
+    """``compute()`` run by rank zero only, its value returned on every rank (a collective: every
+    rank must call it). An error on rank zero is raised there and, as a ``RuntimeError`` naming
+    ``what`` and the error, on the other ranks."""
+    if world_size() == 1:
+        return compute()
+    value, error = None, None
+    if is_rank_zero():
+        try:
+            value = compute()
+        except Exception as err:  # re-raised below, after the other ranks heard of it
+            error = err
+    shared, failed = all_gather_object((value, None if error is None else repr(error)))[0]
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"{what} failed on rank zero: {failed}")
+    return shared

@@ -478,12 +478,13 @@ def _run_reasoning(runs, tasks, options: SampleOptions, dist) -> dict[str, dict[
         done = _complete_shard(config, denoiser, spec.tokenizer, prompts, dist)
         name = config.method.name
         name = name if name not in summaries else f"{name} ({run.label})"
-        summary = None
-        if zero:  # the sandbox runs the programs once, here
+
+        def score(task=task, records=records, prompts=prompts, done=done, config=config, name=name):
+            # the sandbox runs the programs once, on rank zero; its summary reaches every rank
             scored, summary = evaluate_completions(task, records, done["texts"])
             for item, prompt in zip(scored, prompts, strict=True):
                 items.append({"method": name, "prompt": prompt, **item})
-            summary = {
+            return {
                 **summary,
                 "particles": config.method.num_particles,
                 "nfe": sum(done["nfe"]) / len(done["nfe"]),
@@ -491,7 +492,8 @@ def _run_reasoning(runs, tasks, options: SampleOptions, dist) -> dict[str, dict[
                 "tokens_per_s": done["generated_tokens"] / max(done["seconds"], 1e-9),
                 "seconds": done["seconds"],
             }
-        summaries[name] = dist.all_gather_object(summary)[0]  # rank zero's, on every rank
+
+        summaries[name] = dist.on_rank_zero(score, what=f"scoring {task}")
     if not zero:
         return summaries
     out = Path(options.out)

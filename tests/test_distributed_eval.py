@@ -106,6 +106,43 @@ def test_gathers_of_objects_and_uneven_tensors(tmp_path):
         assert [float(t) for t in got["scalars"]] == [0.0, 1.0]
 
 
+def _rank_zero_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    tdist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    calls = []
+
+    def compute():
+        calls.append(rank)
+        return {"value": 41 + rank}
+
+    def broken():
+        raise ZeroDivisionError("no scores")
+
+    try:
+        value = dist.on_rank_zero(compute)
+        try:
+            dist.on_rank_zero(broken, what="scoring gsm8k")
+            error = None
+        except Exception as err:  # noqa: BLE001 - the test looks at what every rank raised
+            error = (type(err).__name__, str(err))
+        torch.save({"value": value, "calls": calls, "error": error}, Path(out_dir) / f"z{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_on_rank_zero_shares_its_value_and_its_error_with_every_rank(tmp_path):
+    assert dist.on_rank_zero(lambda: 7) == 7  # no process group: runs here
+    spawn(_rank_zero_worker, 2, (dist.free_port(), str(tmp_path)), timeout=120)
+    zero, one = (torch.load(tmp_path / f"z{r}.pt", weights_only=False) for r in (0, 1))
+    assert zero["value"] == one["value"] == {"value": 41}  # rank zero's, computed once
+    assert zero["calls"] == [0] and one["calls"] == []
+    assert zero["error"] == ("ZeroDivisionError", "no scores")
+    assert one["error"][0] == "RuntimeError"
+    assert "scoring gsm8k failed on rank zero" in one["error"][1] and "no scores" in one["error"][1]
+
+
 # ---------------------------------------------------- evaluate_method: 2 gloo ranks = 1 rank
 CASES = {
     # 5 prompts on 2 ranks: blocks of 3 and 2; resampling after every step gives overtakes

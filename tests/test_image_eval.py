@@ -239,3 +239,28 @@ def test_two_ddp_ranks_log_the_metrics_and_samples_of_one_process(tmp_path):
     for world in (1, 2):
         pngs = sorted(p.name for p in (tmp_path / f"world{world}").rglob("*.png"))
         assert "grid_SMCamot.png" in pngs and "strip_SMCamot.png" in pngs, pngs
+
+
+def test_image_samples_concat_joins_blocks_in_order():
+    from lightning_smc.evaluation.images import ImageSamples
+
+    def block(labels, nfe, seconds):
+        s, n = len(labels), 2
+        return ImageSamples(
+            name="m", labels=torch.tensor(labels), tokens=torch.arange(s * 4).reshape(s, 4),
+            images=torch.zeros(s, 1, 2, 2), log_weights=torch.full((s, n), -0.5).double(),
+            ess=torch.ones(s, 3).double(), resampled=torch.zeros(s, 3, dtype=torch.bool),
+            nfe=nfe, seconds=seconds, scores={"reward": torch.zeros(s)},
+            sample_nfe=torch.full((s,), float(nfe)).double(),
+            sample_seconds=torch.full((s,), float(seconds)).double(),
+        )  # fmt: skip
+
+    a, b = block([0, 1, 2], 8.0, 1.0), block([3], 4.0, 5.0)
+    joined = ImageSamples.concat([a, b])
+    assert joined.labels.tolist() == [0, 1, 2, 3]
+    assert torch.equal(joined.tokens, torch.cat([a.tokens, b.tokens]))
+    assert joined.nfe == pytest.approx(7.0) and joined.seconds == pytest.approx(2.0)  # per sample
+    assert joined.images is None and joined.scores is None  # decoded / scored from the whole
+    assert ImageSamples.concat([a]) is a
+    with pytest.raises(ValueError, match="at least one"):
+        ImageSamples.concat([])

@@ -50,10 +50,9 @@ every rank with identical values (``sync_dist``, ``reduce_fx="max"`` keeps them 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
 import torch
@@ -67,7 +66,6 @@ from ..rewards import BaseReward, check_reward_output
 
 __all__ = ["ImageEvaluation"]
 
-T = TypeVar("T")
 SCORED = ("reward", "success", "holdout")  # the MetricSet metrics of the scorers
 
 
@@ -214,7 +212,10 @@ class ImageEvaluation(L.Callback):
                 results[method.name] = {
                     **samples.summary(),
                     **self._scores(samples, reward, pl_module.device),
-                    **_on_rank_zero(lambda s=samples: self._quality(s, trainer, pl_module.device)),
+                    **dist.on_rank_zero(
+                        lambda s=samples: self._quality(s, trainer, pl_module.device),
+                        what="ImageEvaluation's image metrics",
+                    ),
                 }
         finally:
             pl_module.train(was_training)
@@ -238,7 +239,7 @@ class ImageEvaluation(L.Callback):
         if local is not None:
             local.images = None  # decoded below from all tokens at once, as in one process
         parts = [p for p in dist.all_gather_object(local) if p is not None]
-        samples = _concat(parts)
+        samples = ImageSamples.concat(parts)
         if model.vq is not None:
             samples.images = model.decode(samples.tokens).cpu()
         return samples
@@ -352,49 +353,6 @@ class _WithDenoiser:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
-
-
-def _concat(parts: list[ImageSamples]) -> ImageSamples:
-    """The ranks' blocks of one method's samples (in rank order, i.e. label order) as one set;
-    the strip is sample 0's (rank zero's); NFE and seconds are the per-sample means."""
-    if len(parts) == 1:
-        return parts[0]
-
-    def cat(field: str) -> torch.Tensor:
-        return torch.cat([getattr(p, field) for p in parts])
-
-    sample_nfe, sample_seconds = cat("sample_nfe"), cat("sample_seconds")
-    return dataclasses.replace(
-        parts[0],
-        labels=cat("labels"),
-        tokens=cat("tokens"),
-        log_weights=cat("log_weights"),
-        ess=cat("ess"),
-        resampled=cat("resampled"),
-        nfe=float(sample_nfe.mean()),
-        seconds=float(sample_seconds.mean()),
-        sample_nfe=sample_nfe,
-        sample_seconds=sample_seconds,
-    )
-
-
-def _on_rank_zero(compute: Callable[[], T]) -> T:
-    """``compute()`` run by rank zero only, its value returned on every rank; an error there is
-    raised on every rank (naming it), so no rank waits for a value that never comes."""
-    if dist.world_size() == 1:
-        return compute()
-    value, error = None, None
-    if dist.is_rank_zero():
-        try:
-            value = compute()
-        except Exception as err:  # re-raised below, after the other ranks heard of it
-            error = err
-    shared, failed = dist.all_gather_object((value, None if error is None else repr(error)))[0]
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise RuntimeError(f"ImageEvaluation: rank zero failed: {failed}")
-    return shared
 
 
 def _slug(name: str) -> str:

@@ -22,6 +22,7 @@ samples)`` writes ``samples.npz`` and ``grid_<name>.png`` per method plus ``summ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -76,6 +77,29 @@ class ImageSamples:
     scores: dict[str, Tensor] | None = None  # "reward" / "holdout" [S] of the answers
     sample_nfe: Tensor | None = None  # [S] float64: its batch's NFE per particle sequence
     sample_seconds: Tensor | None = None  # [S] float64: its batch's wall time / batch size
+
+    @classmethod
+    def concat(cls, parts: Sequence[ImageSamples]) -> ImageSamples:
+        """Blocks of one method's samples (e.g. the ranks' label blocks, in order) as one set:
+        per-sample fields joined, NFE and seconds the per-sample means, the strip the first
+        block's; ``images`` and ``scores`` are left to the caller (decode / score the whole)."""
+        if not parts:
+            raise ValueError("ImageSamples.concat needs at least one block of samples")
+        if len(parts) == 1:
+            return parts[0]
+        if any(p.sample_nfe is None or p.sample_seconds is None for p in parts):
+            raise ValueError("ImageSamples.concat needs sample_nfe / sample_seconds on every block")
+
+        def cat(field: str) -> Tensor:
+            return torch.cat([getattr(p, field) for p in parts])
+
+        sample_nfe, sample_seconds = cat("sample_nfe"), cat("sample_seconds")
+        return dataclasses.replace(
+            parts[0], labels=cat("labels"), tokens=cat("tokens"), images=None, scores=None,
+            log_weights=cat("log_weights"), ess=cat("ess"), resampled=cat("resampled"),
+            nfe=float(sample_nfe.mean()), seconds=float(sample_seconds.mean()),
+            sample_nfe=sample_nfe, sample_seconds=sample_seconds,
+        )  # fmt: skip
 
     def summary(self) -> dict[str, float]:
         """Mean final ESS, resamples per sample, NFE and seconds per sample (and the mean
