@@ -576,11 +576,15 @@ def merge(
         values = [r["settings"][key] for r in records if r["settings"][key] != "none"]
         settings[key] = values[0] if values else "none"
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{stem}_samples.jsonl", "w") as samples:
-        for path in parts:
-            part_samples = Path(path).with_name(Path(path).stem + "_samples.jsonl")
-            if part_samples.is_file():
-                samples.write(part_samples.read_text())
+    texts = []  # read every part before writing: --out may be a part's own folder
+    for path in parts:
+        part_samples = Path(path).with_name(Path(path).stem + "_samples.jsonl")
+        if part_samples.is_file():
+            texts.append(part_samples.read_text())
+    target = out / f"{stem}_samples.jsonl"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("".join(texts))
+    tmp.replace(target)
     return write(out, stem, settings["task"], tables, settings)
 
 
