@@ -230,7 +230,10 @@ def write_report(out: Path, args) -> list[dict]:
         "(`match_budget`: N=4 -> 16 steps, N=8 -> 8 steps). 'Temperature curve at this "
         "entropy': the base sampler's gen PPL at the same entropy, log-linearly interpolated "
         "between the two neighbouring temperature points (— outside their range). Seconds are "
-        "wall time on a shared, heavily loaded 2-core machine (one thread per process).",
+        "wall time on a shared, heavily loaded 2-core machine (one thread per process); the "
+        "SR-SMC points measured since 2026-12-02 (N = 8 and N = 4, β = 0.5 / 2 at equal steps) "
+        "ran with the logit cache: the same samples with fewer network calls (`nfe_evaluated` in "
+        "the JSON), so their seconds are not comparable with the others'.",
         "",
         "| point | N | steps | NFE | gen PPL | temperature curve at this entropy | entropy "
         "| Dist-2 | ESS/N | s / answer |",
