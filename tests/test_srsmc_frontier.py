@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import rounding_tolerance
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "srsmc_frontier.py"
 _spec = importlib.util.spec_from_file_location("srsmc_frontier", _SCRIPT)
@@ -140,5 +141,10 @@ def test_srsmc_points_use_the_logit_cache_without_changing_samples():
     cached = run_method(method, denoiser, spec.tokenizer, **kwargs)
     plain = run_method(dataclasses.replace(method, cache=False), denoiser, spec.tokenizer, **kwargs)
     assert torch.equal(cached.tokens, plain.tokens)
-    assert torch.equal(cached.log_weights, plain.log_weights)
+    # the weights agree up to rounding: the cache evaluates fewer rows per call, and another
+    # batch composition may round differently (a few ulps per log-probability summed: 8 steps
+    # x 16 positions, each at most the largest |log w|)
+    scale = float(plain.log_weights.abs().max())
+    tol = rounding_tolerance(num_terms=8 * 16, magnitude=scale, ulps=16)
+    assert torch.allclose(cached.log_weights, plain.log_weights, rtol=0, atol=tol)
     assert cached.nfe < plain.nfe
