@@ -176,6 +176,11 @@ def test_merge_joins_parts_in_method_order(tmp_path):
     assert all(isinstance(c, str) for c in again["settings"]["command"])
     assert len(again["settings"]["command"]) == 5
     assert [r["key"] for r in again["tables"]["equal-steps"]][-1] == "prop_grad"
+    # merging into a part's own folder keeps that part's answers
+    in_place = table.main(["--merge", str(tmp_path / "m/t.json"), str(extra), "--out",
+                           str(tmp_path / "m"), "--name", "t"])  # fmt: skip
+    assert len(in_place["tables"]["equal-steps"]) == 4
+    assert len((tmp_path / "m/t_samples.jsonl").read_text().splitlines()) == 2
     clash = tmp_path / "c.json"
     clash.write_text(json.dumps(_record(["smc_base"], 1.0)))
     with pytest.raises(ValueError, match="appears twice"):
