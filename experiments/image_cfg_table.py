@@ -30,6 +30,10 @@ The cells are independent: run parts in parallel with ``--weights`` / ``--steps`
 ``--particles`` subsets (and ``--no-real`` on all but one part), each with its own ``--out``,
 then join them with ``--merge PART/image_cfg_table.json ... --out DIR`` (rows in the table's
 order; the parts' grids are copied into DIR).
+
+``--diagnostic`` (with ``--particles`` >= 2) replaces the table by what the weights select:
+every final particle scored by the classifier, best vs weighted vs unweighted, and the
+correlation of the log-weights with ``log p_clf(y | x)`` (``particle_diagnostic``).
 """
 
 from __future__ import annotations
@@ -50,9 +54,11 @@ import torch
 
 from lightning_smc.data.images import DEFAULT_ROOT, load_fashion_mnist
 from lightning_smc.evaluation.images import ImageSamples, image_grid, sample_images, save_png
-from lightning_smc.methods import Method, ProductTargetSpec
-from lightning_smc.metrics.image import class_accuracy, image_metrics
+from lightning_smc.methods import Method, ProductTargetSpec, build_sampler
+from lightning_smc.metrics.classifier import load_classifier
+from lightning_smc.metrics.image import class_accuracy, image_metrics, to_uint8
 from lightning_smc.models.image import load_image_model
+from lightning_smc.smc import derive_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward_smc_table import mean_se  # noqa: E402
@@ -119,6 +125,92 @@ def scores(
         out[key], out[f"{key}_se"] = acc, math.sqrt(acc * (1 - acc) / n)
     out["n"] = n
     return out
+
+
+@torch.no_grad()
+def particle_diagnostic(
+    model: Any,
+    method: Method,
+    labels: torch.Tensor,
+    seed: int = 0,
+    batch_size: int = 50,
+    classifier: str = "fmnist_classifier_tiny",
+) -> dict[str, float]:
+    """What the SMC weights select (``--diagnostic``): every final particle of ``method`` is
+    decoded and scored by ``classifier`` (``log p_clf(y | image)``, correct = argmax is ``y``),
+    with the same labels and per-image seeds as the table's cells. Per image, over its ``N``
+    final particles with normalized weights ``W_i``:
+
+    - ``best``: the highest-weight particle (the table's answer);
+    - ``weighted``: ``sum_i W_i f_i``, the SMC estimate of ``E_target[f]`` (the CFG product
+      target's accuracy / log-probability);
+    - ``uniform``: ``mean_i f_i``, the particle cloud without its weights;
+    - ``corr``: Pearson correlation of ``log W_i`` and ``log p_clf(y | x_i)`` (images whose
+      weights or scores are all equal, e.g. just resampled, are left out: ``corr_n`` counts the
+      rest).
+
+    Each value is the mean over images ± ``std / sqrt(n)``."""
+    if method.num_particles < 2:
+        raise ValueError(
+            f"the particle diagnostic needs N >= 2 particles, got {method.num_particles}"
+        )
+    clf = load_classifier(classifier)
+    sampler = build_sampler(method, model.denoiser)
+    device = next(iter(model.denoiser.parameters())).device
+    values: dict[str, list[torch.Tensor]] = {}
+    for lo in range(0, len(labels), batch_size):
+        ids = range(lo, min(lo + batch_size, len(labels)))
+        gens = [torch.Generator(device=device).manual_seed(derive_seed(seed, i)) for i in ids]
+        y = labels[lo : ids.stop]
+        out = sampler.sample(model.seq_len, cond=y.to(device), generator=gens)
+        B, N, L = out.tokens.shape
+        images = model.decode(out.tokens.reshape(B * N, L)).cpu()
+        logp = clf(to_uint8(images).float().div(255.0)).log_softmax(-1).reshape(B, N, -1).double()
+        target = logp.gather(-1, y.view(B, 1, 1).expand(B, N, 1)).squeeze(-1)  # [B, N]
+        correct = (logp.argmax(-1) == y.view(B, 1)).double()
+        log_w = out.log_weights.cpu().double()
+        weights = log_w.exp()
+        best = log_w.argmax(-1, keepdim=True)
+        for name, f in (("accuracy", correct), ("log_p", target)):
+            values.setdefault(f"{name}_best", []).append(f.gather(-1, best).squeeze(-1))
+            values.setdefault(f"{name}_weighted", []).append((weights * f).sum(-1))
+            values.setdefault(f"{name}_uniform", []).append(f.mean(-1))
+        values.setdefault("ess", []).append(1.0 / (weights**2).sum(-1) / N)
+        lw, lp = log_w - log_w.mean(-1, keepdim=True), target - target.mean(-1, keepdim=True)
+        norm = lw.norm(dim=-1) * lp.norm(dim=-1)
+        keep = norm > 1e-9
+        values.setdefault("corr", []).append((lw * lp).sum(-1)[keep] / norm[keep])
+    row: dict[str, float] = {"n": len(labels), "particles": method.num_particles}
+    for key, parts in values.items():
+        row[key], row[f"{key}_se"] = mean_se(torch.cat(parts).numpy())
+    row["corr_n"] = int(sum(len(p) for p in values["corr"]))
+    return row
+
+
+def diagnostic_report(rows: list[dict], command: str) -> str:
+    lines = [
+        "# What the CFG product target's weights select (particle diagnostic)",
+        "",
+        f"`{command}`",
+        "",
+        "Every final particle scored by the committed classifier: the highest-weight particle "
+        "(the table's answer), the weighted average (the SMC estimate under the product target) "
+        "and the unweighted particle mean; corr = Pearson correlation of the log-weights and "
+        "log p_clf(y | x) within an image. Mean over images ± SE.",
+        "",
+        "| setting | n | accuracy: best | weighted | uniform | log p_clf: best | weighted | "
+        "uniform | corr(log w, log p_clf) | final ESS / N |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [fmt(r, k, 3) for k in ("accuracy_best", "accuracy_weighted", "accuracy_uniform",
+                                         "log_p_best", "log_p_weighted", "log_p_uniform")]  # fmt: skip
+        lines.append(
+            f"| {r['setting']} | {r['n']} | "
+            + " | ".join(cells)
+            + f" | {fmt(r, 'corr', 3)} (n={r['corr_n']}) | {fmt(r, 'ess', 3)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def sampler_cells(out: ImageSamples) -> dict[str, float]:
@@ -284,6 +376,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--merge", nargs="+", type=Path, default=None, metavar="PART.json",
         help="join the image_cfg_table.json of runs on disjoint cells into --out",
     )  # fmt: skip
+    parser.add_argument(
+        "--diagnostic", action="store_true",
+        help="instead of the table: what the weights select in each N > 1 cell "
+        "(particle_diagnostic.{json,md} in --out)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     command = "python experiments/image_cfg_table.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
@@ -302,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("WANDB_MODE", "disabled")
     start = time.perf_counter()
     model = load_image_model(args.model)
+    if args.diagnostic:
+        return diagnose(args, model, weights, steps_list, particles, command)
     test_images, test_labels = load_fashion_mnist(args.data_root, "test")
     reference = torch.from_numpy(test_images.copy()).unsqueeze(1)[: args.reference_size]  # uint8
     labels = torch.arange(model.num_classes).repeat_interleave(args.per_class)
@@ -367,6 +466,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_min": (time.perf_counter() - start) / 60,
     }
     return write(args.out, rows, settings)
+
+
+def diagnose(args, model, weights, steps_list, particles, command) -> dict[str, Any]:
+    """``--diagnostic``: ``particle_diagnostic`` of every N > 1 cell."""
+    if max(particles) < 2:
+        raise SystemExit("--diagnostic looks at the weights of N > 1 cells: give --particles >= 2")
+    labels = torch.arange(model.num_classes).repeat_interleave(args.per_class)
+    rows = []
+    for N in [p for p in particles if p > 1]:
+        for steps in steps_list:
+            for weight in weights:
+                method = cfg_method(weight, steps, model.null_class, N, args.smc_unmasking)
+                row = {"setting": method.name, "weight": weight, "steps": steps}
+                row.update(particle_diagnostic(model, method, labels, args.seed))
+                rows.append(row)
+                print(row, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"command": command, "seed": args.seed, "per_class": args.per_class, "rows": rows}
+    (args.out / "particle_diagnostic.json").write_text(json.dumps(record, indent=1) + "\n")
+    text = diagnostic_report(rows, command)
+    (args.out / "particle_diagnostic.md").write_text(text)
+    print(text)
+    return record
 
 
 def grid_name(weight: float, steps: int, particles: int, unmasking: str) -> str:

@@ -13,6 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+from tolerance import rounding_tolerance  # noqa: E402
+
 from lightning_smc.data.images import DEFAULT_ROOT, missing_data_message  # noqa: E402
 from lightning_smc.evaluation.images import sample_images  # noqa: E402
 from lightning_smc.methods import Method, ProductTargetSpec  # noqa: E402
@@ -94,6 +96,42 @@ def test_cfg_table_smc_rows_files_and_merge(tmp_path):
             ["--merge", str(part_b / "image_cfg_table.json"), str(part_b / "image_cfg_table.json"),
              "--out", str(tmp_path / "m2")]
         )  # fmt: skip
+
+
+def test_particle_diagnostic_best_is_the_tables_answer_and_weighted_uses_the_weights():
+    """--diagnostic scores the same particles as the table: its best-particle accuracy is the
+    accuracy of sample_images' answers (same seeds), and the weighted / uniform columns are
+    the normalized-weight and plain means of the per-particle scores."""
+    import image_cfg_table
+
+    from lightning_smc.metrics.classifier import load_classifier
+    from lightning_smc.metrics.image import class_accuracy, to_uint8
+
+    model = load_image_model("embedded_image")  # the random model's weights are near-uniform
+    labels = torch.arange(10).repeat_interleave(2)
+    method = image_cfg_table.cfg_method(2.0, 4, model.null_class, particles=4)
+    row = image_cfg_table.particle_diagnostic(model, method, labels, seed=5, batch_size=20)
+    table = sample_images(method, model, labels, seed=5, batch_size=20)
+    assert row["accuracy_best"] == pytest.approx(class_accuracy(table.images, labels), abs=1e-12)
+    clf = load_classifier("fmnist_classifier_tiny")
+    with torch.no_grad():
+        logp = clf(to_uint8(table.images).float().div(255.0)).log_softmax(-1)
+    expected = logp.gather(-1, labels.view(-1, 1)).double().mean()
+    # the same images in a batch of another size: rounding of the classifier's widest sum only
+    fan_in = max(p[0].numel() for p in clf.parameters() if p.dim() > 1)
+    tol = rounding_tolerance(fan_in, float(logp.abs().max()) + 1.0, ulps=4)
+    assert row["log_p_best"] == pytest.approx(float(expected), abs=tol)
+    assert row["n"] == 20 and row["particles"] == 4 and 0 < row["ess"] <= 1
+    assert -1 <= row["corr"] <= 1 and 0 <= row["corr_n"] <= 20
+    # the weights are not uniform at w = 2 (else weighted would equal uniform by construction)
+    assert row["ess"] < 1
+    for key in ("accuracy", "log_p"):
+        assert min(row[f"{key}_best"], row[f"{key}_weighted"], row[f"{key}_uniform"]) > -math.inf
+    assert row["log_p_weighted"] != row["log_p_uniform"]
+    with pytest.raises(ValueError, match="N >= 2"):
+        image_cfg_table.particle_diagnostic(
+            model, image_cfg_table.cfg_method(1.5, 2, model.null_class), labels
+        )
 
 
 # ---------------------------------------------------------------------- image_reward_table
