@@ -368,7 +368,9 @@ def restore_points(report: Path, out: Path) -> list[str]:
         if path.exists():
             continue
         full = dict(row, **meta["per_sample"].get(row["key"], {}))
-        path.write_text(json.dumps(full) + "\n")
+        tmp = path.with_suffix(".tmp")  # as main writes a point: a reader never sees half a file
+        tmp.write_text(json.dumps(full) + "\n")
+        tmp.replace(path)
         written.append(row["key"])
     print(f"restored {len(written)} point(s) from {report}", flush=True)
     return written
