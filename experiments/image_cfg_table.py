@@ -31,6 +31,10 @@ The cells are independent: run parts in parallel with ``--weights`` / ``--steps`
 then join them with ``--merge PART/image_cfg_table.json ... --out DIR`` (rows in the table's
 order; the parts' grids are copied into DIR).
 
+Each finished batch of a cell is kept in ``OUT/blocks/<cell>/``; ``--resume`` with the same
+command continues an interrupted run from its last finished batch (``sample_blocks``), so a
+cell longer than one session is split at batch boundaries (``--batch-size`` sets their size).
+
 ``--diagnostic`` (with ``--particles`` >= 2) replaces the table by what the weights select:
 every final particle scored by the classifier, best vs weighted vs unweighted, and the
 correlation of the log-weights with ``log p_clf(y | x)`` (``particle_diagnostic``).
@@ -39,6 +43,7 @@ correlation of the log-weights with ``log p_clf(y | x)`` (``particle_diagnostic`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -377,6 +382,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="join the image_cfg_table.json of runs on disjoint cells into --out",
     )  # fmt: skip
     parser.add_argument(
+        "--resume", action="store_true",
+        help="reuse the finished batches of an interrupted run with the same --out "
+        "(OUT/blocks/<cell>/<first index>.pt; without --resume they are redone)",
+    )  # fmt: skip
+    parser.add_argument(
         "--diagnostic", action="store_true",
         help="instead of the table: what the weights select in each N > 1 cell "
         "(particle_diagnostic.{json,md} in --out)",
@@ -430,9 +440,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for steps in steps_list:
             for weight in weights:
                 method = cfg_method(weight, steps, model.null_class, N, unmasking)
-                out = sample_images(
-                    method, model, labels, seed=args.seed, batch_size=args.batch_size
-                )
+                out = sample_blocks(
+                    method, args.model, model, labels, args.seed, args.batch_size,
+                    args.out / "blocks" / Path(grid_name(weight, steps, N, method.unmasking)).stem,
+                    args.resume,
+                )  # fmt: skip
                 row = {
                     "setting": method.name,
                     "weight": weight,
@@ -489,6 +501,69 @@ def diagnose(args, model, weights, steps_list, particles, command) -> dict[str, 
     (args.out / "particle_diagnostic.md").write_text(text)
     print(text)
     return record
+
+
+BLOCK_FIELDS = (
+    "labels",
+    "tokens",
+    "log_weights",
+    "ess",
+    "resampled",
+    "sample_nfe",
+    "sample_seconds",
+)
+
+
+def sample_blocks(
+    method: Method,
+    model_name: str,
+    model: Any,
+    labels: torch.Tensor,
+    seed: int,
+    batch_size: int,
+    folder: Path,
+    resume: bool,
+) -> ImageSamples:
+    """``sample_images`` one batch at a time, each finished batch written to
+    ``folder/<first index>.pt`` (tmp + replace) so that an interrupted cell continues with
+    ``resume``: a saved batch is reused when it was made by the same model, method, seed and
+    labels (otherwise a ``ValueError`` names the file), and only the missing ones are sampled.
+    Sample ``i`` is seeded by ``derive_seed(seed, i)`` wherever its batch runs, so the tokens are
+    those of one uninterrupted run. Without ``resume`` the folder's batches are redone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for lo in range(0, len(labels), batch_size):
+        hi = min(lo + batch_size, len(labels))
+        path = folder / f"{lo:06d}.pt"
+        key = {"model": model_name, "method": method.name, "seed": seed, "first": lo,
+               "labels": labels[lo:hi].tolist()}  # fmt: skip
+        if resume and path.is_file():
+            saved = torch.load(path, weights_only=True)
+            if saved["key"] != key:
+                raise ValueError(
+                    f"{path} holds another run's batch ({saved['key']['model']}, "
+                    f"{saved['key']['method']!r}, seed {saved['key']['seed']}, "
+                    f"{len(saved['key']['labels'])} labels from {saved['key']['first']}): remove "
+                    f"{folder} or run without --resume"
+                )
+            fields = saved["fields"]
+            parts.append(
+                ImageSamples(name=method.name, images=None, nfe=float(fields["sample_nfe"].mean()),
+                             seconds=float(fields["sample_seconds"].mean()), **fields)
+            )  # fmt: skip
+            print(f"reused {path} ({hi - lo} samples)", flush=True)
+            continue
+        block = sample_images(
+            method, model, labels[lo:hi], seed=seed, batch_size=batch_size, offset=lo
+        )
+        fields = {f: getattr(block, f) for f in BLOCK_FIELDS}
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "fields": fields}, tmp)
+        os.replace(tmp, path)
+        parts.append(block)
+    out = ImageSamples.concat(parts)
+    images = model.decode(out.tokens).cpu() if model.vq is not None else None
+    return dataclasses.replace(out, images=images)
 
 
 def grid_name(weight: float, steps: int, particles: int, unmasking: str) -> str:

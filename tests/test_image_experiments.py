@@ -98,6 +98,42 @@ def test_cfg_table_smc_rows_files_and_merge(tmp_path):
         )  # fmt: skip
 
 
+def test_cfg_table_resume_reuses_finished_batches_and_refuses_another_runs(tmp_path, monkeypatch):
+    """An interrupted cell continues from its saved batches: with one batch file missing,
+    --resume samples only that batch and gives the uninterrupted run's row; a batch made with
+    another seed is refused by name; without --resume every batch is redone."""
+    need_data()
+    import image_cfg_table
+
+    out = tmp_path / "run"
+    common = ["--model", "random_tiny_image", "--per-class", "1", "--steps", "2", "--weights",
+              "1.5", "--particles", "2", "--no-real", "--splits", "2", "--reference-size", "40",
+              "--batch-size", "4", "--out", str(out)]  # fmt: skip
+    (full,) = image_cfg_table.main(common)["rows"]
+    folder = out / "blocks" / "grid_w1.5_s2_n2_remdm"
+    assert sorted(f.name for f in folder.iterdir()) == ["000000.pt", "000004.pt", "000008.pt"]
+    calls = []
+    real = image_cfg_table.sample_images
+
+    def counting(method, model, labels, **kw):
+        calls.append(kw["offset"])
+        return real(method, model, labels, **kw)
+
+    monkeypatch.setattr(image_cfg_table, "sample_images", counting)
+    (folder / "000004.pt").unlink()
+    (resumed,) = image_cfg_table.main(common + ["--resume"])["rows"]
+    assert calls == [4]
+    timing = {"seconds", "seconds_se"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in full.items() if k not in timing
+    }
+    with pytest.raises(ValueError, match=r"000000\.pt holds another run's batch .*seed 0"):
+        image_cfg_table.main(common + ["--resume", "--seed", "1"])
+    calls.clear()
+    image_cfg_table.main(common)
+    assert calls == [0, 4, 8]
+
+
 def test_particle_diagnostic_best_is_the_tables_answer_and_weighted_uses_the_weights():
     """--diagnostic scores the same particles as the table: its best-particle accuracy is the
     accuracy of sample_images' answers (same seeds), and the weighted / uniform columns are
