@@ -395,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python experiments/image_cfg_table.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
+    if args.resume and (args.merge or args.diagnostic):
+        parser.error(
+            "--resume continues a table run; it has no effect with --merge or --diagnostic"
+        )
     if args.merge:
         return merge(args.merge, args.out, command)
     if args.per_class < 1 or args.splits < 2:

@@ -132,6 +132,9 @@ def test_cfg_table_resume_reuses_finished_batches_and_refuses_another_runs(tmp_p
     calls.clear()
     image_cfg_table.main(common)
     assert calls == [0, 4, 8]
+    for other in (["--merge", str(out / "image_cfg_table.json")], ["--diagnostic"]):
+        with pytest.raises(SystemExit):
+            image_cfg_table.main(common + ["--resume"] + other)
 
 
 def test_particle_diagnostic_best_is_the_tables_answer_and_weighted_uses_the_weights():
