@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.merge:
         return merge(args.merge, args.out, command)
-    if args.per_class < 1 or args.splits < 2:
-        parser.error("--per-class must be >= 1 and --splits >= 2")
+    if args.per_class < 1 or args.splits < 2 or args.batch_size < 1:
+        parser.error("--per-class and --batch-size must be >= 1 and --splits >= 2")
     weights = csv_of(args.weights, float, "--weights")
     steps_list = csv_of(args.steps, int, "--steps")
     particles = csv_of(args.particles, int, "--particles")
@@ -542,7 +542,13 @@ def sample_blocks(
         key = {"model": model_name, "method": method.name, "seed": seed, "first": lo,
                "labels": labels[lo:hi].tolist()}  # fmt: skip
         if resume and path.is_file():
-            saved = torch.load(path, weights_only=True)
+            try:
+                saved = torch.load(path, weights_only=True)
+            except Exception as err:  # a truncated or foreign file: name it and the fix
+                raise ValueError(
+                    f"{path} cannot be read as a saved batch ({err.__class__.__name__}): remove "
+                    "it to sample that batch again"
+                ) from err
             if saved["key"] != key:
                 raise ValueError(
                     f"{path} holds another run's batch ({saved['key']['model']}, "

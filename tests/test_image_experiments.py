@@ -132,6 +132,9 @@ def test_cfg_table_resume_reuses_finished_batches_and_refuses_another_runs(tmp_p
     calls.clear()
     image_cfg_table.main(common)
     assert calls == [0, 4, 8]
+    (folder / "000004.pt").write_bytes((folder / "000004.pt").read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match=r"000004\.pt cannot be read as a saved batch"):
+        image_cfg_table.main(common + ["--resume"])
     for other in (["--merge", str(out / "image_cfg_table.json")], ["--diagnostic"]):
         with pytest.raises(SystemExit):
             image_cfg_table.main(common + ["--resume"] + other)
